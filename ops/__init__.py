@@ -1,0 +1,16 @@
+"""Detection ops (``raydet.ops``): NMS variants, RoI feature extraction, box overlaps, focal loss and
+deformable convolution. torchvision kernels where it has the op, vectorised torch otherwise; every op runs on
+CPU and CUDA tensors."""
+from .bbox_overlaps import bbox_overlaps
+from .deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack, deform_conv2d
+from .focal_loss import sigmoid_focal_loss
+from .nms import batched_nms, multiclass_nms, nms, soft_nms
+from .roi_ops import RoIAlign, RoIPool, roi_align, roi_pool
+
+__all__ = [
+    "nms", "batched_nms", "soft_nms", "multiclass_nms",
+    "roi_align", "roi_pool", "RoIAlign", "RoIPool",
+    "bbox_overlaps",
+    "sigmoid_focal_loss",
+    "deform_conv2d", "DeformConv2d", "DeformConv2dPack", "ModulatedDeformConv2dPack",
+]

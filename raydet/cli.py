@@ -1,0 +1,75 @@
+"""The ``raydet`` command line.
+
+    raydet config PIPELINE [--set KEY=VALUE ...]    print the fully merged, resolved pipeline
+
+Each subcommand is one ``_add_<name>`` function in :data:`COMMANDS`: it adds its parser and sets ``run``, a
+function of the parsed arguments (for the heavy subcommands, ``raydet.<name>.main`` imported on use).
+A :class:`~raydet.registry.ConfigError` prints ``error: <message>`` and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .registry import ConfigError
+
+__all__ = ["main", "build_parser", "add_pipeline_arguments"]
+
+
+def _key_value(text: str) -> str:
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """``PIPELINE`` and ``--set KEY=VALUE ...``, shared by every subcommand that reads a pipeline."""
+    parser.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
+    parser.add_argument(
+        "--set", dest="overrides", metavar="KEY=VALUE", action="extend", nargs="+", type=_key_value, default=[],
+        help="override a key, e.g. --set optimizer.lr=0.01 model.backbone.depth=101; values are YAML "
+             "(0.01 a float, [1333, 800] a list, null None); overriding a variable changes every key using it")
+
+
+def _run_config(args: argparse.Namespace) -> None:
+    from .config import load_config
+
+    sys.stdout.write(load_config(args.pipeline, args.overrides).to_yaml())
+
+
+def _add_config(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "config", help="print the fully merged pipeline",
+        description="Print PIPELINE with its _base_ files merged, --set overrides applied and ${...} references "
+                    "resolved, as YAML.")
+    add_pipeline_arguments(parser)
+    parser.set_defaults(run=_run_config)
+
+
+COMMANDS = (_add_config,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydet", description="Object detection toolbox.")
+    parser.add_argument("--version", action="version", version=f"raydet {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns 0, or exits with status 2 on a pipeline error (argparse's usage errors too)."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

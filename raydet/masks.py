@@ -1,0 +1,135 @@
+"""Instance masks: polygons, COCO RLE and bitmaps (NumPy + pycocotools; no Python loop over pixels).
+
+An *instance mask* in a record (see :mod:`raydet.structures`) is either
+
+* a list of polygons, each a flat ``[x0, y0, x1, y1, ...]`` list in pixels of the original image (a polygon with
+  fewer than 3 points has no area and is dropped), or
+* a COCO RLE dict ``{"size": [h, w], "counts": str | bytes | list[int]}`` (compressed, or uncompressed as COCO
+  stores crowd regions).
+
+Bitmaps are ``uint8`` arrays, 1 inside the object. Rasterisation is pycocotools', the one COCOeval scores with: a
+pixel ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)``, so the polygon of the square ``[x, x + 4] x [y, y + 4]``
+covers exactly the 16 pixels ``rows y..y+3, columns x..x+3``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pycocotools import mask as mask_utils
+
+__all__ = [
+    "polygons_to_rle", "to_rle", "polygons_to_bitmap", "rle_to_bitmap", "instance_masks_to_bitmaps",
+    "bitmap_to_rle", "mask_area", "bitmap_to_box",
+]
+
+
+def _empty_rle(height: int, width: int) -> dict:
+    return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
+
+
+def polygons_to_rle(polygons: list, height: int, width: int) -> dict:
+    """Polygons of one instance -> one compressed RLE (``counts`` as bytes), their union."""
+    if not isinstance(polygons, (list, tuple)):
+        raise ValueError(f"polygons must be a list of flat [x0, y0, x1, y1, ...] lists, got {type(polygons).__name__}")
+    polys = []
+    for j, poly in enumerate(polygons):
+        p = np.asarray(poly, dtype=np.float64).ravel()
+        if p.size % 2:
+            raise ValueError(f"polygon {j} has an odd number of coordinates ({p.size})")
+        if not np.isfinite(p).all():
+            raise ValueError(f"polygon {j} has non-finite coordinates")
+        if p.size >= 6:  # fewer than 3 points: no area (and pycocotools would read 4 numbers as a box)
+            polys.append(p.tolist())
+    if not polys:
+        return _empty_rle(height, width)
+    return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))
+
+
+def _rle_to_compressed(rle: dict, height: int, width: int) -> dict:
+    if "counts" not in rle or "size" not in rle:
+        raise ValueError(f"an RLE dict needs 'size' and 'counts', got keys {sorted(rle)}")
+    size = [int(s) for s in rle["size"]]
+    if size != [height, width]:
+        raise ValueError(f"RLE size {size} does not match the image size {[height, width]}")
+    counts = rle["counts"]
+    if isinstance(counts, (list, tuple, np.ndarray)):  # uncompressed
+        counts = [int(c) for c in counts]
+        if sum(counts) != height * width or any(c < 0 for c in counts):
+            raise ValueError(f"uncompressed RLE counts must be non-negative and sum to {height * width}")
+        return mask_utils.frPyObjects({"size": size, "counts": counts}, height, width)
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    if not isinstance(counts, bytes):
+        raise ValueError(f"RLE counts must be str, bytes or a list of ints, got {type(counts).__name__}")
+    return {"size": size, "counts": counts}
+
+
+def to_rle(mask: Any, height: int, width: int) -> dict:
+    """One instance mask (polygon list or RLE dict) -> compressed RLE with ``counts`` as bytes."""
+    if isinstance(mask, dict):
+        return _rle_to_compressed(mask, height, width)
+    return polygons_to_rle(mask, height, width)
+
+
+def polygons_to_bitmap(polygons: list, height: int, width: int) -> np.ndarray:
+    """Union of the polygons of one instance -> uint8 (height, width)."""
+    return np.ascontiguousarray(mask_utils.decode(polygons_to_rle(polygons, height, width)))
+
+
+def rle_to_bitmap(rle: dict, height: int, width: int) -> np.ndarray:
+    """COCO RLE (compressed or uncompressed counts) -> uint8 (height, width)."""
+    return np.ascontiguousarray(mask_utils.decode(_rle_to_compressed(rle, height, width)))
+
+
+def instance_masks_to_bitmaps(masks: list, height: int, width: int) -> np.ndarray:
+    """A record's ``masks`` (each item polygons or an RLE dict) -> uint8 (n, height, width).
+
+    Raises ValueError naming the index of a malformed item.
+    """
+    rles = []
+    for i, m in enumerate(masks):
+        try:
+            rles.append(to_rle(m, height, width))
+        except (ValueError, TypeError, IndexError) as e:
+            raise ValueError(f"instance mask {i}: {e}") from e
+    if not rles:
+        return np.zeros((0, height, width), dtype=np.uint8)
+    return np.ascontiguousarray(mask_utils.decode(rles).transpose(2, 0, 1))
+
+
+def bitmap_to_rle(mask: np.ndarray) -> dict:
+    """bool / uint8 (h, w) bitmap -> COCO compressed RLE with ``counts`` as str (JSON-safe)."""
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"bitmap_to_rle expects one (h, w) mask, got shape {mask.shape}")
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8, copy=False)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def mask_area(masks: np.ndarray) -> np.ndarray | int:
+    """Pixel count of (h, w) -> int, or of (n, h, w) -> int64 (n,)."""
+    masks = np.asarray(masks)
+    if masks.ndim == 2:
+        return int(np.count_nonzero(masks))
+    if masks.ndim != 3:
+        raise ValueError(f"mask_area expects (h, w) or (n, h, w), got shape {masks.shape}")
+    return np.count_nonzero(masks.reshape(masks.shape[0], -1), axis=1).astype(np.int64)
+
+
+def bitmap_to_box(masks: np.ndarray) -> np.ndarray:
+    """(n, h, w) bitmaps -> float32 (n, 4) tight (x1, y1, x2, y2) boxes; x2 = last column + 1. Empty masks -> 0s."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"bitmap_to_box expects (n, h, w) masks, got shape {masks.shape}")
+    n, h, w = masks.shape
+    cols = masks.any(axis=1)  # (n, w)
+    rows = masks.any(axis=2)  # (n, h)
+    x1 = cols.argmax(axis=1)
+    x2 = w - cols[:, ::-1].argmax(axis=1)
+    y1 = rows.argmax(axis=1)
+    y2 = h - rows[:, ::-1].argmax(axis=1)
+    boxes = np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+    boxes[~cols.any(axis=1)] = 0.0
+    return boxes

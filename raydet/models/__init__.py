@@ -1,0 +1,15 @@
+"""Model components. Importing this package registers every component type with ``raydet.registry``."""
+from raydet.models import (anchor_generator, assigner, box_coder, losses, sampler)  # noqa: F401
+from raydet.models.backbones import resnet  # noqa: F401
+from raydet.models.necks import fpn  # noqa: F401
+from raydet.models.dense_heads import rpn_head, retina_head  # noqa: F401
+from raydet.models.roi_heads import bbox_head, mask_head, roi_extractor, standard_roi_head  # noqa: F401
+from raydet.models.detectors import detectors  # noqa: F401
+import raydet.ops  # noqa: F401  (registers the deformable conv modules)
+
+
+def build_model(cfg: dict, path: str = "model"):
+    """Build a detector from its config dict (the pipeline's ``model`` section)."""
+    from raydet.registry import build
+
+    return build(cfg, path)

@@ -1,0 +1,4 @@
+"""Backbones: image (B, 3, H, W) -> tuple of multi-scale feature maps."""
+from .resnet import ResNet, ResNeXt
+
+__all__ = ["ResNet", "ResNeXt"]

@@ -1,0 +1,79 @@
+"""RetinaNet head (Lin et al. 2017): separate conv towers for classification and regression, focal loss."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from raydet.models.dense_heads.anchor_head import AnchorHead
+from raydet.models.head_configs import DetectionConfig
+from raydet.models.norm import build_norm_layer
+from raydet.models.postprocess import boxes_to_original
+from raydet.ops import multiclass_nms
+from raydet.registry import register
+
+__all__ = ["RetinaHead"]
+
+
+def conv_tower(in_channels: int, channels: int, num_convs: int, norm_cfg: dict | None) -> nn.Sequential:
+    """``num_convs`` x (3x3 conv [+ norm] + ReLU)."""
+    layers = []
+    for i in range(num_convs):
+        layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm_cfg is None))
+        if norm_cfg is not None:
+            layers.append(build_norm_layer(norm_cfg, channels))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+@register
+class RetinaHead(AnchorHead):
+    """Per level: 4 x (3x3 conv, ReLU) then a 3x3 conv to A * C class logits; likewise to A * 4 deltas.
+
+    The classification bias starts at -log((1 - prior) / prior) so that every anchor begins with probability
+    ``prior_prob`` of being foreground (0.01 in the paper).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, anchor_generator, bbox_coder, loss_cls, loss_bbox,
+                 assigner, sampler=None, feat_channels: int = 256, stacked_convs: int = 4,
+                 norm_cfg: dict | None = None, prior_prob: float = 0.01, allowed_border: float = -1,
+                 pos_weight: float = -1, test: DetectionConfig = DetectionConfig()):
+        super().__init__(num_classes, anchor_generator, bbox_coder, loss_cls, loss_bbox, assigner, sampler,
+                         allowed_border, pos_weight)
+        self.cls_convs = conv_tower(in_channels, feat_channels, stacked_convs, norm_cfg)
+        self.reg_convs = conv_tower(in_channels, feat_channels, stacked_convs, norm_cfg)
+        self.retina_cls = nn.Conv2d(feat_channels, self.num_anchors * num_classes, 3, padding=1)
+        self.retina_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 3, padding=1)
+        self.test = test
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, std=0.01)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.constant_(self.retina_cls.bias, -math.log((1 - prior_prob) / prior_prob))
+
+    def forward_single(self, x):
+        return self.retina_cls(self.cls_convs(x)), self.retina_reg(self.reg_convs(x))
+
+    @torch.no_grad()
+    def predict(self, feats, img_metas) -> list[dict]:
+        """Detections per image in original-image pixels: boxes (m, 4), scores (m,), labels (m,)."""
+        cls_scores, bbox_preds = self(feats)
+        _, anchors_per_level = self.anchors(cls_scores)
+        cfg = self.test
+        results = []
+        for i, meta in enumerate(img_metas):
+            boxes_l, scores_l = [], []
+            for cls, reg, anchors in zip(cls_scores, bbox_preds, anchors_per_level):
+                scores = cls[i].permute(1, 2, 0).reshape(-1, self.num_classes).sigmoid()
+                deltas = reg[i].permute(1, 2, 0).reshape(-1, 4)
+                if 0 < cfg.nms_pre < scores.shape[0]:
+                    _, idx = scores.max(dim=1).values.topk(cfg.nms_pre)
+                    scores, deltas, anchors = scores[idx], deltas[idx], anchors[idx]
+                boxes_l.append(self.bbox_coder.decode(anchors, deltas, max_shape=meta["img_shape"][:2]))
+                scores_l.append(scores)
+            boxes, scores, labels = multiclass_nms(torch.cat(boxes_l), torch.cat(scores_l), cfg.score_thr,
+                                                   cfg.nms_iou, cfg.max_per_img)
+            results.append({"boxes": boxes_to_original(boxes, meta), "scores": scores, "labels": labels})
+        return results

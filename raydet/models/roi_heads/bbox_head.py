@@ -1,0 +1,117 @@
+"""Box heads on pooled RoI features: classification over C + 1 classes and class-specific box deltas."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raydet.models.head_configs import DetectionConfig
+from raydet.models.norm import build_norm_layer
+from raydet.ops import multiclass_nms
+from raydet.registry import register
+
+__all__ = ["ConvFCBBoxHead", "Shared2FCBBoxHead", "Shared4Conv1FCBBoxHead"]
+
+
+@register
+class ConvFCBBoxHead(nn.Module):
+    """``num_shared_convs`` 3x3 convs (optional norm) then ``num_shared_fcs`` FC layers, then two linear outputs.
+
+    Outputs: cls_score (R, C + 1) with background at index C; bbox_pred (R, 4 * C), or (R, 4) when
+    ``reg_class_agnostic``.
+    """
+
+    def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
+                 roi_feat_size: int = 7, num_shared_convs: int = 0, num_shared_fcs: int = 2,
+                 conv_out_channels: int = 256, fc_out_channels: int = 1024, norm_cfg: dict | None = None,
+                 reg_class_agnostic: bool = False):
+        super().__init__()
+        self.num_classes = num_classes
+        self.bbox_coder = bbox_coder
+        self.loss_cls = loss_cls
+        self.loss_bbox = loss_bbox
+        self.reg_class_agnostic = reg_class_agnostic
+        self.reg_decoded_bbox = bool(getattr(loss_bbox, "takes_decoded_boxes", False))
+
+        convs, channels = [], in_channels
+        for _ in range(num_shared_convs):
+            convs.append(nn.Conv2d(channels, conv_out_channels, 3, padding=1, bias=norm_cfg is None))
+            if norm_cfg is not None:
+                convs.append(build_norm_layer(norm_cfg, conv_out_channels))
+            convs.append(nn.ReLU(inplace=True))
+            channels = conv_out_channels
+        self.shared_convs = nn.Sequential(*convs)
+        fcs, features = [], channels * roi_feat_size * roi_feat_size
+        for _ in range(num_shared_fcs):
+            fcs += [nn.Linear(features, fc_out_channels), nn.ReLU(inplace=True)]
+            features = fc_out_channels
+        self.shared_fcs = nn.Sequential(*fcs)
+        self.fc_cls = nn.Linear(features, num_classes + 1)
+        self.fc_reg = nn.Linear(features, 4 if reg_class_agnostic else 4 * num_classes)
+
+        for m in self.shared_fcs:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.fc_cls.weight, std=0.01)
+        nn.init.normal_(self.fc_reg.weight, std=0.001)
+        nn.init.zeros_(self.fc_cls.bias)
+        nn.init.zeros_(self.fc_reg.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R, C_in, S, S) pooled features -> (cls_score (R, C + 1), bbox_pred (R, 4C or 4))."""
+        x = self.shared_fcs(self.shared_convs(x).flatten(1))
+        return self.fc_cls(x), self.fc_reg(x)
+
+    def select_class_deltas(self, bbox_pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """(R, 4C) -> (R, 4): the deltas of each row's class."""
+        if self.reg_class_agnostic:
+            return bbox_pred
+        return bbox_pred.view(bbox_pred.shape[0], -1, 4)[torch.arange(labels.numel(), device=labels.device), labels]
+
+    def loss(self, cls_score, bbox_pred, rois, labels, bbox_targets) -> dict[str, torch.Tensor]:
+        """Softmax CE over all sampled RoIs; box loss on positives, normalised by the number of sampled RoIs.
+
+        labels: (R,) with num_classes for background; bbox_targets: (R, 4) (deltas, or boxes for IoU losses).
+        """
+        loss_cls = self.loss_cls(cls_score, labels, avg_factor=max(labels.numel(), 1))
+        pos = torch.nonzero(labels < self.num_classes, as_tuple=True)[0]
+        if pos.numel() == 0:
+            return {"loss_cls": loss_cls, "loss_bbox": bbox_pred.sum() * 0.0}
+        deltas = self.select_class_deltas(bbox_pred[pos], labels[pos])
+        if self.reg_decoded_bbox:
+            deltas = self.bbox_coder.decode(rois[pos, 1:], deltas)
+        loss_bbox = self.loss_bbox(deltas, bbox_targets[pos], avg_factor=max(labels.numel(), 1))
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox}
+
+    @torch.no_grad()
+    def predict_boxes(self, rois: torch.Tensor, cls_score: torch.Tensor, bbox_pred: torch.Tensor,
+                      img_shape: tuple[int, int], cfg: DetectionConfig):
+        """One image's RoIs (R, 5) -> (boxes (m, 4) in input pixels, scores (m,), labels (m,)) after NMS."""
+        scores = F.softmax(cls_score, dim=1)[:, : self.num_classes]
+        boxes = self.bbox_coder.decode(rois[:, 1:], bbox_pred, max_shape=img_shape)
+        boxes = boxes.view(boxes.shape[0], -1, 4)
+        if boxes.shape[1] == 1:
+            boxes = boxes.expand(-1, self.num_classes, -1)
+        return multiclass_nms(boxes, scores, cfg.score_thr, cfg.nms_iou, cfg.max_per_img)
+
+
+@register
+class Shared2FCBBoxHead(ConvFCBBoxHead):
+    """Faster R-CNN's box head: two shared FC layers (1024 by default)."""
+
+    def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
+                 roi_feat_size: int = 7, fc_out_channels: int = 1024, reg_class_agnostic: bool = False):
+        super().__init__(num_classes, bbox_coder, loss_cls, loss_bbox, in_channels, roi_feat_size, 0, 2,
+                         fc_out_channels=fc_out_channels, reg_class_agnostic=reg_class_agnostic)
+
+
+@register
+class Shared4Conv1FCBBoxHead(ConvFCBBoxHead):
+    """Four shared 3x3 convs (usually with GN) and one FC layer."""
+
+    def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
+                 roi_feat_size: int = 7, conv_out_channels: int = 256, fc_out_channels: int = 1024,
+                 norm_cfg: dict | None = None, reg_class_agnostic: bool = False):
+        super().__init__(num_classes, bbox_coder, loss_cls, loss_bbox, in_channels, roi_feat_size, 4, 1,
+                         conv_out_channels, fc_out_channels, norm_cfg, reg_class_agnostic)

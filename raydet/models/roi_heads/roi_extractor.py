@@ -1,0 +1,75 @@
+"""Pool fixed-size features for each RoI from the FPN level that matches its size."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raydet.ops import roi_align, roi_pool
+from raydet.registry import register
+
+__all__ = ["SingleRoIExtractor", "map_roi_levels", "boxes_to_rois"]
+
+
+def boxes_to_rois(boxes_per_image: list[torch.Tensor]) -> torch.Tensor:
+    """Per-image (k_i, >=4) boxes -> (sum k_i, 5) rois [image_index, x1, y1, x2, y2]."""
+    rois = [torch.cat([b.new_full((b.shape[0], 1), i), b[:, :4]], dim=1) for i, b in enumerate(boxes_per_image)]
+    return torch.cat(rois) if rois else torch.zeros((0, 5))
+
+
+def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56.0) -> torch.Tensor:
+    """FPN level of each RoI: floor(log2(sqrt(w * h) / finest_scale + 1e-6)) clamped to [0, num_levels - 1].
+
+    With finest_scale 56: scale < 112 -> level 0 (P2), [112, 224) -> 1, [224, 448) -> 2, >= 448 -> 3.
+    """
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
+
+
+@register
+class SingleRoIExtractor(nn.Module):
+    """RoIAlign (or RoIPool) each RoI on one pyramid level chosen by ``map_roi_levels``.
+
+    Args:
+        output_size: pooled size (7 for boxes, 14 for masks).
+        featmap_strides: strides of the levels used (e.g. [4, 8, 16, 32] for P2-P5).
+        sampling_ratio: RoIAlign samples per bin side (0 = adaptive).
+        aligned: RoIAlign with the half-pixel offset (MMDetection / Detectron2 default).
+        roi_type: "RoIAlign" or "RoIPool".
+    """
+
+    def __init__(self, output_size: int, featmap_strides: list[int], sampling_ratio: int = 0, aligned: bool = True,
+                 finest_scale: float = 56.0, roi_type: str = "RoIAlign"):
+        super().__init__()
+        if roi_type not in ("RoIAlign", "RoIPool"):
+            raise ValueError(f"roi_type must be 'RoIAlign' or 'RoIPool', got {roi_type!r}")
+        self.output_size = output_size
+        self.featmap_strides = list(featmap_strides)
+        self.sampling_ratio = sampling_ratio
+        self.aligned = aligned
+        self.finest_scale = finest_scale
+        self.roi_type = roi_type
+
+    @property
+    def num_inputs(self) -> int:
+        return len(self.featmap_strides)
+
+    def pool(self, feat: torch.Tensor, rois: torch.Tensor, stride: int) -> torch.Tensor:
+        if self.roi_type == "RoIPool":
+            return roi_pool(feat, rois, self.output_size, 1.0 / stride)
+        return roi_align(feat, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
+
+    def forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> torch.Tensor:
+        """feats: per-level (B, C, H, W); rois: (K, 5) in input pixels -> (K, C, output_size, output_size)."""
+        feats = feats[: self.num_inputs]
+        c = feats[0].shape[1]
+        out = feats[0].new_zeros((rois.shape[0], c, self.output_size, self.output_size))
+        if len(feats) == 1:
+            return self.pool(feats[0], rois, self.featmap_strides[0])
+        levels = map_roi_levels(rois, len(feats), self.finest_scale)
+        for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
+            idx = torch.nonzero(levels == level, as_tuple=True)[0]
+            if idx.numel():
+                out[idx] = self.pool(feat, rois[idx], stride).to(out.dtype)
+            else:  # keep every level in the graph so DDP sees a gradient for it
+                out = out + feat.sum() * 0.0
+        return out
