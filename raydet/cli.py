@@ -48,7 +48,23 @@ def _add_config(subparsers) -> None:
     parser.set_defaults(run=_run_config)
 
 
-COMMANDS = (_add_config,)
+def _forwarding(name: str, help_text: str):
+    """A subcommand whose arguments go to ``raydet.<name>.main`` (which has its own --help)."""
+
+    def add(subparsers) -> None:  # listed in --help; main() dispatches before parsing
+        subparsers.add_parser(name, help=help_text, add_help=False)
+
+    add.__name__ = f"_add_{name}"
+    return add
+
+
+FORWARDED = ("train", "test")
+
+COMMANDS = (
+    _add_config,
+    _forwarding("train", "train a pipeline on Ray Train (python -m raydet.train)"),
+    _forwarding("test", "evaluate a checkpoint (python -m raydet.test)"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns 0, or exits with status 2 on a pipeline error (argparse's usage errors too)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:  # their own parsers handle everything after the command, --help included
+        import importlib
+
+        code = importlib.import_module(f"raydet.{argv[0]}").main(argv[1:])
+        if code:
+            raise SystemExit(code)
+        return 0
     args = build_parser().parse_args(argv)
     try:
         args.run(args)

@@ -1,0 +1,320 @@
+"""Hooks: small objects called by the Runner at fixed points of the loop, in priority order.
+
+Users add their own from the pipeline (``hooks: [{type: MyHook, priority: 60, ...}]``) after registering the class
+with ``raydet.registry.register`` in a module listed under ``runtime.imports``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from enum import IntEnum
+
+import torch
+
+from raydet.engine.dist import all_gather_object, broadcast_object
+from raydet.engine.optim import LrScheduleConfig, lr_at
+
+__all__ = ["HOOK_POINTS", "Priority", "Hook", "LrSchedulerHook", "OptimizerHook", "CheckpointHook", "LoggerHook",
+           "EvalHook", "NonFiniteLossError"]
+
+log = logging.getLogger("raydet")
+
+HOOK_POINTS = ("before_run", "before_train_epoch", "before_train_iter", "after_train_iter", "after_train_epoch",
+               "before_val_epoch", "before_val_iter", "after_val_iter", "after_val_epoch", "after_run")
+
+
+class Priority(IntEnum):
+    """Lower runs first."""
+
+    HIGHEST = 0
+    VERY_HIGH = 10
+    HIGH = 30
+    ABOVE_NORMAL = 40
+    NORMAL = 50
+    BELOW_NORMAL = 60
+    LOW = 70
+    VERY_LOW = 90
+    LOWEST = 100
+
+
+class Hook:
+    """Override any of the ten hook points; each receives the Runner. ``state_dict`` is saved in checkpoints."""
+
+    priority: int = Priority.NORMAL
+
+    def before_run(self, runner): pass
+    def before_train_epoch(self, runner): pass
+    def before_train_iter(self, runner): pass
+    def after_train_iter(self, runner): pass
+    def after_train_epoch(self, runner): pass
+    def before_val_epoch(self, runner): pass
+    def before_val_iter(self, runner): pass
+    def after_val_iter(self, runner): pass
+    def after_val_epoch(self, runner): pass
+    def after_run(self, runner): pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        return None
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or infinite; the message names the iteration and the loss terms."""
+
+
+# --------------------------------------------------------------------------------------------------- schedule
+class LrSchedulerHook(Hook):
+    """Sets every parameter group's lr before each iteration: warmup, then step decay by epoch."""
+
+    priority = Priority.VERY_HIGH
+
+    def __init__(self, base_lr: float, schedule: LrScheduleConfig):
+        self.base_lr = base_lr
+        self.schedule = schedule
+
+    def before_train_iter(self, runner):
+        lr = lr_at(self.base_lr, self.schedule, runner.epoch, runner.iter)
+        for group in runner.optimizer.param_groups:
+            group["lr"] = lr
+
+
+# --------------------------------------------------------------------------------------------------- optimizer
+class OptimizerHook(Hook):
+    """Backward, optional gradient clipping, optimizer step; a GradScaler for fp16.
+
+    Args:
+        grad_clip: ``{max_norm, norm_type}`` or None.
+        fp16_scaler: use a GradScaler (set for ``amp: fp16``).
+        nonfinite: "stop" raises NonFiniteLossError naming the iteration and loss terms; "skip" drops the step.
+    """
+
+    priority = Priority.HIGH
+
+    def __init__(self, grad_clip: dict | None = None, fp16_scaler: bool = False, nonfinite: str = "stop"):
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        self.grad_clip = grad_clip
+        self.scaler = torch.amp.GradScaler() if fp16_scaler else None
+        self.nonfinite = nonfinite
+        self.skipped = 0
+
+    def after_train_iter(self, runner):
+        bad = [k for k, v in runner.losses.items() if k.startswith("loss") and not torch.isfinite(v).all()]
+        if bad:
+            values = ", ".join(f"{k}={float(runner.losses[k].detach()):.4g}" for k in bad)
+            message = f"non-finite loss at epoch {runner.epoch + 1}, iteration {runner.iter + 1}: {values}"
+            if self.nonfinite == "stop":
+                raise NonFiniteLossError(message + " (set train.nonfinite_loss: skip to skip such steps)")
+            self.skipped += 1
+            log.warning("%s; step skipped", message)
+            runner.optimizer.zero_grad(set_to_none=True)
+            return
+        opt = runner.optimizer
+        opt.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(runner.loss).backward()
+            self.scaler.unscale_(opt)
+        else:
+            runner.loss.backward()
+        if self.grad_clip:
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, **self.grad_clip)
+            runner.losses = dict(runner.losses, grad_norm=norm.detach())
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+
+    def state_dict(self):
+        return {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+
+    def load_state_dict(self, state):
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+class EvalHook(Hook):
+    """Every ``interval`` epochs (and after the last one): run the evaluation pass, gather every worker's
+    predictions to rank 0, score them, and share the metrics with all ranks (``runner.metrics``).
+
+    Args:
+        evaluator: object with ``convert(img_metas, predictions) -> list`` (compact, picklable per-image results)
+            and ``evaluate(results) -> dict[str, float]``.
+    """
+
+    priority = Priority.ABOVE_NORMAL
+
+    def __init__(self, evaluator, interval: int = 1):
+        self.evaluator = evaluator
+        self.interval = interval
+        self.results: list = []
+
+    def after_train_epoch(self, runner):
+        last = runner.epoch + 1 == runner.max_epochs
+        if (runner.epoch + 1) % self.interval == 0 or last:
+            runner.val()
+
+    def before_val_epoch(self, runner):
+        self.results = []
+
+    def after_val_iter(self, runner):
+        self.results.extend(self.evaluator.convert(runner.batch["img_metas"], runner.predictions))
+
+    def after_val_epoch(self, runner):
+        gathered = all_gather_object(self.results)
+        metrics = None
+        if runner.rank == 0:
+            results = [r for part in gathered for r in part]
+            metrics = self.evaluator.evaluate(results)
+        runner.metrics = broadcast_object(metrics)
+        self.results = []
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+class CheckpointHook(Hook):
+    """After each epoch: report the epoch's metrics, with a checkpoint every ``interval`` epochs and at the end.
+
+    The report goes through ``runner.report`` (``ray.train.report`` under Ray Train, where Ray keeps the last
+    ``num_to_keep`` and the best by a metric); only rank 0 passes the checkpoint state.
+    """
+
+    priority = Priority.BELOW_NORMAL
+
+    def __init__(self, interval: int = 1):
+        self.interval = interval
+
+    def after_train_epoch(self, runner):
+        epoch = runner.epoch + 1
+        metrics = {"epoch": epoch, "iter": runner.iter, **runner.epoch_log, **runner.metrics}
+        save = epoch % self.interval == 0 or epoch == runner.max_epochs
+        state = None
+        if save and runner.rank == 0:
+            state = runner.state_dict()
+            state["epoch"] = epoch  # the next run starts after this epoch
+        runner.report(metrics, state)
+
+
+# --------------------------------------------------------------------------------------------------- logging
+class LoggerHook(Hook):
+    """Every ``interval`` iterations on rank 0: each loss term (averaged over the interval), lr, data time, iteration
+    time, ETA and peak memory, to the console, ``<work_dir>/log.jsonl`` and TensorBoard (``<work_dir>/tb``)."""
+
+    priority = Priority.VERY_LOW
+
+    def __init__(self, interval: int = 50, tensorboard: bool = True):
+        self.interval = interval
+        self.tensorboard = tensorboard
+        self.window: dict[str, list[float]] = defaultdict(list)
+        self.jsonl = None
+        self.writer = None
+        self.t_iter = self.t_start = 0.0
+        self.epoch_sums: dict[str, float] = defaultdict(float)
+        self.epoch_count = 0
+
+    def before_run(self, runner):
+        self.t_start = time.perf_counter()
+        self.start_iter = runner.iter
+        if runner.rank != 0 or not runner.work_dir:
+            return
+        os.makedirs(runner.work_dir, exist_ok=True)
+        self.jsonl = open(os.path.join(runner.work_dir, "log.jsonl"), "a", buffering=1)
+        if self.tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:  # tensorboardX comes with ray[tune]; without it, TensorBoard logging is off
+                log.warning("tensorboardX is not installed: TensorBoard logging disabled")
+            else:
+                self.writer = SummaryWriter(os.path.join(runner.work_dir, "tb"))
+
+    def before_train_epoch(self, runner):
+        self.epoch_sums.clear()
+        self.epoch_count = 0
+
+    def before_train_iter(self, runner):
+        self.t_iter = time.perf_counter()
+
+    def after_train_iter(self, runner):
+        for k, v in runner.losses.items():
+            value = float(v.detach())
+            self.window[k].append(value)
+            if k.startswith("loss"):
+                self.epoch_sums[k] += value
+        self.epoch_sums["loss"] += float(runner.loss.detach())
+        self.epoch_count += 1
+        self.window["time"].append(time.perf_counter() - self.t_iter + runner.data_time)
+        self.window["data_time"].append(runner.data_time)
+        if (runner.iter + 1) % self.interval == 0:
+            self.flush(runner)
+
+    def flush(self, runner):
+        if not self.window:
+            return
+        record = {k: sum(v) / len(v) for k, v in self.window.items()}
+        record["loss"] = sum(v for k, v in record.items() if k.startswith("loss"))
+        self.window.clear()
+        record.update(mode="train", epoch=runner.epoch + 1, iter=runner.iter + 1,
+                      lr=runner.optimizer.param_groups[0]["lr"], memory_mb=_peak_memory_mb(runner.device))
+        if runner.iters_per_epoch:
+            done = runner.iter + 1 - self.start_iter
+            remaining = runner.max_epochs * runner.iters_per_epoch - (runner.iter + 1)
+            record["eta_s"] = (time.perf_counter() - self.t_start) / max(done, 1) * max(remaining, 0)
+        self.write(runner, record)
+
+    def after_train_epoch(self, runner):
+        runner.epoch_log = {f"train/{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
+
+    def after_val_epoch(self, runner):
+        if runner.metrics:
+            self.write(runner, {"mode": "val", "epoch": runner.epoch + 1, "iter": runner.iter, **runner.metrics})
+
+    def after_run(self, runner):
+        if self.jsonl:
+            self.jsonl.close()
+        if self.writer:
+            self.writer.close()
+
+    def write(self, runner, record: dict):
+        if runner.rank != 0:
+            return
+        epoch_part = f"epoch {record['epoch']}/{runner.max_epochs}"
+        if record["mode"] == "train":
+            it = f"iter {record['iter']}" + (f"/{runner.max_epochs * runner.iters_per_epoch}"
+                                              if runner.iters_per_epoch else "")
+            terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("loss") or k == "grad_norm")
+            eta = f" eta {_fmt_seconds(record['eta_s'])}" if "eta_s" in record else ""
+            log.info("%s %s lr %.3g %s time %.3fs data %.3fs mem %dMB%s", epoch_part, it, record["lr"], terms,
+                     record["time"], record["data_time"], record["memory_mb"], eta)
+        else:
+            terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if isinstance(v, float))
+            log.info("%s val %s", epoch_part, terms)
+        if self.jsonl:
+            self.jsonl.write(json.dumps(record) + "\n")
+        if self.writer:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "iter") and math.isfinite(v):
+                    self.writer.add_scalar(f"{record['mode']}/{k}" if "/" not in k else k, v, record["iter"])
+
+
+def _peak_memory_mb(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device) / 2**20)
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    except ImportError:  # not on POSIX
+        return 0
+
+
+def _fmt_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+

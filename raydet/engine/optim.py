@@ -1,0 +1,78 @@
+"""Optimizer and learning-rate schedule from the pipeline's ``optimizer`` and ``lr_schedule`` sections."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from raydet.registry import ConfigError, build_dataclass, closest, error
+
+__all__ = ["OptimizerConfig", "LrScheduleConfig", "build_optimizer", "scaled_lr", "lr_at"]
+
+OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
+
+
+@dataclass
+class OptimizerConfig:
+    """``optimizer:`` section. ``lr`` is for a total batch of ``base_batch_size`` images and scales linearly with the
+    real total batch (Goyal et al. 2017), as in the paper (0.02 at 16 images for Faster R-CNN)."""
+
+    type: str = "SGD"
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 0.0001
+    base_batch_size: int = 16
+    scale_lr: bool = True
+    grad_clip: dict | None = None  # {max_norm: 35, norm_type: 2}
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+
+
+@dataclass
+class LrScheduleConfig:
+    """``lr_schedule:`` section: linear (or constant) warmup over ``warmup_iters`` iterations from
+    ``warmup_ratio * lr``, then x``gamma`` at each epoch in ``steps`` (0-based epochs: [8, 11] decays before the 9th
+    and the 12th epoch, MMDetection's 1x)."""
+
+    warmup: str | None = "linear"
+    warmup_iters: int = 500
+    warmup_ratio: float = 0.001
+    steps: list[int] = field(default_factory=lambda: [8, 11])
+    gamma: float = 0.1
+
+
+def parse_optimizer(cfg: dict | None, path: str = "optimizer") -> OptimizerConfig:
+    return build_dataclass(OptimizerConfig, dict(cfg or {}), path)
+
+
+def parse_lr_schedule(cfg: dict | None, path: str = "lr_schedule") -> LrScheduleConfig:
+    sched = build_dataclass(LrScheduleConfig, dict(cfg or {}), path)
+    if sched.warmup not in (None, "linear", "constant"):
+        raise error(f"{path}.warmup", f"must be linear, constant or null, got {sched.warmup!r}")
+    return sched
+
+
+def scaled_lr(cfg: OptimizerConfig, total_batch_size: int) -> float:
+    """The linear scaling rule: lr * total_batch / base_batch_size."""
+    return cfg.lr * total_batch_size / cfg.base_batch_size if cfg.scale_lr else cfg.lr
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """An optimizer over the trainable parameters, every one with weight decay (MMDetection's default)."""
+    if cfg.type not in OPTIMIZERS:
+        raise ConfigError(f"optimizer.type: unknown optimizer '{cfg.type}'{closest(cfg.type, OPTIMIZERS)}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.type == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return OPTIMIZERS[cfg.type](params, lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def lr_at(base_lr: float, sched: LrScheduleConfig, epoch: int, global_iter: int) -> float:
+    """Learning rate at a 0-based epoch and 0-based global iteration."""
+    lr = base_lr * sched.gamma ** sum(epoch >= s for s in sched.steps)
+    if sched.warmup and global_iter < sched.warmup_iters:
+        if sched.warmup == "constant":
+            return lr * sched.warmup_ratio
+        k = (1 - global_iter / sched.warmup_iters) * (1 - sched.warmup_ratio)
+        return lr * (1 - k)
+    return lr

@@ -1,0 +1,129 @@
+"""``python -m raydet.test PIPELINE CHECKPOINT [--set k=v ...] [--out DIR] [--split test|val]``: evaluate a checkpoint.
+
+The images stream through the same Ray Data pipeline as in training; the Ray Train workers each predict their share,
+rank 0 gathers the predictions, writes the COCO result json and a metrics file, and the driver prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+from raydet.config import Config, load_config
+from raydet.engine.checkpoint import load_checkpoint, load_model_weights
+from raydet.engine.hooks import EvalHook
+from raydet.engine.runner import Runner
+from raydet.evaluation.evaluator import DatasetEvaluator
+from raydet.registry import ConfigError
+from raydet.train import _setup_logging, build_datasets, init_ray, parse_sections, ray_loaders
+
+__all__ = ["main", "evaluate", "eval_loop_per_worker"]
+
+
+def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, out_dir: str | None, val_loader):
+    """A Runner that only evaluates: the pipeline's model with the checkpoint's weights and an EvalHook."""
+    sections = parse_sections(cfg)
+    model = cfg.build("model")
+    state = load_checkpoint(checkpoint, map_location="cpu")
+    load_model_weights(model, state["model"], str(checkpoint))
+    model.to(device)
+    results_file = os.path.join(out_dir, "results.json") if out_dir else None
+    evaluator = DatasetEvaluator(dataset, sections.evaluation.metric, sections.evaluation.proposal_nums,
+                                 results_file=results_file)
+    return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0,
+                  hooks=[EvalHook(evaluator)], device=device, amp=sections.train.amp)
+
+
+def eval_loop_per_worker(config: dict) -> dict:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    _setup_logging()
+    cfg = Config(config["pipeline"], config["path"], config["origins"])
+    sections = parse_sections(cfg)
+    dataset = ray.get(config["dataset"][0])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _, val_loader = ray_loaders({"val": dataset}, sections, rank, world, iters_per_epoch=0)
+    runner = build_evaluation_runner(cfg, dataset, config["checkpoint"], device=ray.train.torch.get_device(),
+                                     out_dir=config["out_dir"] if rank == 0 else None, val_loader=val_loader)
+    runner.val()
+    if rank == 0 and config["out_dir"]:
+        with open(os.path.join(config["out_dir"], "metrics.json"), "w") as f:
+            json.dump(runner.metrics, f, indent=2)
+    return {"metrics": runner.metrics}
+
+
+def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str | None = None) -> dict:
+    """Evaluate ``checkpoint`` on the pipeline's ``data.<split>`` with the pipeline's scaling; returns the metrics."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sections = parse_sections(cfg)
+    load_checkpoint(checkpoint)  # a missing or unreadable checkpoint fails here, before any worker starts
+    if getattr(sections.data, split) is None:
+        raise ConfigError(f"{cfg.path}: data.{split}: the pipeline has no {split} dataset")
+    dataset = build_datasets(cfg, sections, splits=(split,))[split]
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+    init_ray()
+    sc = sections.scaling
+    resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    trainer = TorchTrainer(
+        eval_loop_per_worker,
+        train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
+                           "dataset": [ray.put(dataset)], "checkpoint": os.path.abspath(str(checkpoint)),
+                           "out_dir": os.path.abspath(out_dir) if out_dir else None},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
+                             storage_path=os.path.abspath(os.path.join(out_dir or "work_dirs", "ray"))))
+    result = trainer.fit()
+    return (result.return_value or {}).get("metrics", {})
+
+
+def format_metrics(metrics: dict) -> str:
+    from raydet.evaluation import format_coco_table, format_voc_table
+
+    parts = []
+    coco = {k: v for k, v in metrics.items() if k.split("/")[0] in ("bbox", "segm")}
+    if coco:
+        parts.append(format_coco_table(coco))
+    voc = {k: v for k, v in metrics.items() if k.startswith("voc/")}
+    if voc:
+        parts.append(format_voc_table(voc))
+    other = {k: v for k, v in metrics.items() if k not in coco and k not in voc}
+    parts += [f"{k}: {v:.4f}" for k, v in other.items()]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="raydet test",
+                                     description="Evaluate a checkpoint on a pipeline's test (or val) split.")
+    parser.add_argument("pipeline", help="pipeline YAML the checkpoint was trained with")
+    parser.add_argument("checkpoint", help="checkpoint file or Ray checkpoint folder")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--split", default="test", choices=["test", "val"])
+    parser.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.pipeline, args.set)
+        out = args.out or os.path.join(parse_sections(cfg).work_dir, Path(args.pipeline).stem, "test")
+        metrics = evaluate(cfg, args.checkpoint, split=args.split, out_dir=out)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_metrics(metrics))
+    print(f"results and metrics written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

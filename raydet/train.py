@@ -1,0 +1,397 @@
+"""``python -m raydet.train [PIPELINE] [--set k=v ...] [--resume] [--work-dir DIR]``: train a detector on Ray.
+
+The driver loads and checks the pipeline, reads the datasets (so bad annotations fail before any worker starts),
+connects to a Ray cluster (or starts a local one) and runs a Ray Train ``TorchTrainer``. Each worker builds the
+model, wraps it in DDP (NCCL on GPU, gloo on CPU), streams its shard of the images through a Ray Data actor pool
+(decode + augment) and runs the hook-driven ``Runner``. With no pipeline, a small quickstart on a generated
+dataset runs.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raydet.config import Config, load_config
+from raydet.engine.checkpoint import load_checkpoint
+from raydet.engine.hooks import CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook
+from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
+from raydet.engine.runner import Runner
+from raydet.evaluation.evaluator import DatasetEvaluator
+from raydet.registry import ConfigError, build, build_context, build_dataclass
+
+__all__ = ["main", "build_runner", "TrainSettings", "QUICKSTART", "parse_sections", "train_loop_per_worker"]
+
+log = logging.getLogger("raydet")
+
+QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+
+
+# --------------------------------------------------------------------------------------------------- settings
+@dataclass
+class TrainSettings:
+    """``train:`` section."""
+
+    max_epochs: int = 12
+    amp: str | None = None               # null, fp16 or bf16
+    sync_bn: bool = False                # convert BatchNorm to SyncBatchNorm when training on several workers
+    nonfinite_loss: str = "stop"         # stop (error naming the iteration and loss term) or skip the step
+    max_iters_per_epoch: int | None = None  # cap for quick runs and benchmarks
+
+
+@dataclass
+class EvaluationSettings:
+    """``evaluation:`` section."""
+
+    interval: int = 1
+    metric: list[str] = field(default_factory=lambda: ["bbox"])
+    proposal_nums: list[int] = field(default_factory=lambda: [100, 300, 1000])
+
+
+@dataclass
+class ScalingSettings:
+    """``scaling:`` section: Ray Train workers and the Ray Data augmentation actors."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    resources_per_worker: dict | None = None   # extra custom resources, e.g. {gpu_node: 1}
+    data_actors: list[int] = field(default_factory=lambda: [1, 2])   # [min, max] actors per worker's stream
+    data_cpus_per_actor: float = 0.5
+    data_resources: dict | None = None         # e.g. {cpu_node: 0.1} to keep decoding on CPU-only nodes
+    data_batch_size: int = 8                   # images per actor call
+    max_failures: int = 0                      # worker-group restarts from the last checkpoint
+
+
+@dataclass
+class CheckpointSettings:
+    """``checkpoint:`` section."""
+
+    interval: int = 1
+    num_to_keep: int | None = 3
+    score_attribute: str | None = None   # e.g. bbox/AP: Ray keeps the best by it
+    score_order: str = "max"
+
+
+@dataclass
+class RuntimeSettings:
+    """``runtime:`` section."""
+
+    log_interval: int = 50
+    tensorboard: bool = True
+    imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
+
+
+@dataclass
+class DataSettings:
+    """``data:`` section; ``train`` / ``val`` / ``test`` are dataset configs built by the registry."""
+
+    train: dict
+    val: dict | None = None
+    test: dict | None = None
+    num_classes: int | None = None
+    images_per_worker: int = 2
+
+
+@dataclass
+class Sections:
+    train: TrainSettings
+    evaluation: EvaluationSettings
+    scaling: ScalingSettings
+    checkpoint: CheckpointSettings
+    runtime: RuntimeSettings
+    data: DataSettings
+    seed: int
+    work_dir: str
+
+
+def parse_sections(cfg: Config) -> Sections:
+    """Typed, checked views of the pipeline's non-model sections (unknown keys are errors naming the file)."""
+    with build_context(file=cfg.path, origins=cfg.origins):
+        def typed(cls, key):
+            return build_dataclass(cls, dict(cfg.get(key) or {}), key)
+
+        if not cfg.get("data"):
+            raise ConfigError(f"{cfg.path}: data: the pipeline has no data section")
+        sections = Sections(
+            train=typed(TrainSettings, "train"), evaluation=typed(EvaluationSettings, "evaluation"),
+            scaling=typed(ScalingSettings, "scaling"), checkpoint=typed(CheckpointSettings, "checkpoint"),
+            runtime=typed(RuntimeSettings, "runtime"), data=typed(DataSettings, "data"),
+            seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
+    for module in sections.runtime.imports:
+        importlib.import_module(module)
+    return sections
+
+
+def build_datasets(cfg: Config, sections: Sections, splits=("train", "val")) -> dict:
+    """Build (read and validate) the datasets of the given splits."""
+    import raydet.data  # noqa: F401  (registers the dataset types)
+
+    out = {}
+    for split in splits:
+        spec = getattr(sections.data, split)
+        if spec is not None:
+            spec = dict(spec)
+            if sections.data.num_classes is not None:
+                spec.setdefault("num_classes", sections.data.num_classes)
+            with build_context(file=cfg.path, origins=cfg.origins):
+                out[split] = build(spec, f"data.{split}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- the runner
+def shard_records(records: list, rank: int, world_size: int, seed: int | None, epoch: int, pad: bool) -> list:
+    """This rank's share of the records; shuffled by (seed, epoch) when seed is given; padded (by repeating) so
+    every rank gets the same count when ``pad`` (training: every rank must run the same number of iterations)."""
+    order = np.arange(len(records))
+    if seed is not None:
+        order = np.random.default_rng([seed, epoch]).permutation(len(records))
+    if pad and world_size > 1:
+        total = math.ceil(len(order) / world_size) * world_size
+        order = np.concatenate([order, order[: total - len(order)]])
+    return [records[i] for i in order[rank::world_size]]
+
+
+def with_records(dataset, records: list):
+    """A shallow copy of ``dataset`` holding only ``records``."""
+    shard = copy.copy(dataset)
+    shard.records = records
+    return shard
+
+
+def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_size: int = 1, train_loader=None,
+                 val_loader=None, report=None, work_dir: str | None = None, wrap_model=None, sections=None,
+                 extra_hooks=()) -> Runner:
+    """Model, optimizer, hooks and Runner from a pipeline (plain PyTorch; no Ray needed).
+
+    ``train_loader(epoch)`` / ``val_loader()`` yield batches of this worker; ``wrap_model`` wraps the model for
+    distributed training (e.g. ``ray.train.torch.prepare_model``).
+    """
+    sections = sections or parse_sections(cfg)
+    torch.manual_seed(sections.seed)  # identical initial weights on every rank
+    model = cfg.build("model")
+    if sections.train.sync_bn and world_size > 1:
+        from raydet.models.norm import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model)
+    model = wrap_model(model) if wrap_model is not None else model.to(device)
+    torch.manual_seed(sections.seed + rank)  # different sampling on every rank
+
+    with build_context(file=cfg.path, origins=cfg.origins):
+        opt_cfg = parse_optimizer(cfg.get("optimizer"))
+        schedule = parse_lr_schedule(cfg.get("lr_schedule"))
+    total_batch = sections.data.images_per_worker * world_size
+    lr = scaled_lr(opt_cfg, total_batch)
+    optimizer = build_optimizer(model, opt_cfg, lr)
+
+    hooks = [LrSchedulerHook(lr, schedule),
+             OptimizerHook(opt_cfg.grad_clip, fp16_scaler=sections.train.amp == "fp16",
+                           nonfinite=sections.train.nonfinite_loss),
+             CheckpointHook(sections.checkpoint.interval),
+             LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
+    if "val" in datasets and val_loader is not None:
+        evaluator = DatasetEvaluator(datasets["val"], sections.evaluation.metric, sections.evaluation.proposal_nums)
+        hooks.append(EvalHook(evaluator, sections.evaluation.interval))
+    for i, spec in enumerate(cfg.get("hooks") or []):
+        with build_context(file=cfg.path, origins=cfg.origins):
+            hooks.append(build(spec, f"hooks[{i}]"))
+    hooks.extend(extra_hooks)
+
+    n_train = len(datasets["train"].records)
+    per_rank = math.ceil(n_train / world_size)
+    iters = max(per_rank // sections.data.images_per_worker, 1)
+    if sections.train.max_iters_per_epoch:
+        iters = min(iters, sections.train.max_iters_per_epoch)
+    meta = {"pipeline": cfg.to_yaml(), "classes": list(datasets["train"].classes),
+            "cat_ids": list(datasets["train"].cat_ids)}
+    return Runner(model, optimizer, train_loader=train_loader, val_loader=val_loader,
+                  max_epochs=sections.train.max_epochs, hooks=hooks, device=device, amp=sections.train.amp,
+                  report=report, work_dir=work_dir, iters_per_epoch=iters, meta=meta)
+
+
+def take(iterable, n: int):
+    """The first ``n`` items of ``iterable``."""
+    for i, item in enumerate(iterable):
+        if i >= n:
+            return
+        yield item
+
+
+# --------------------------------------------------------------------------------------------------- Ray worker
+def ray_stream(sections: Sections):
+    """``(dataset, records, train, epoch) -> batches``: records -> Ray Data actor pool (decode + augment) ->
+    aspect-ratio-grouped (training) or in-order (evaluation) batches."""
+    from raydet.data.pipeline import build_transforms
+    from raydet.data.ray_data import build_ray_dataset, iter_detection_batches
+
+    sc, batch_size = sections.scaling, sections.data.images_per_worker
+    actors = tuple(sc.data_actors) if len(sc.data_actors) > 1 else sc.data_actors[0]
+
+    def stream(dataset, records, train: bool, epoch: int):
+        ds = build_ray_dataset(with_records(dataset, records), train=train, seed=sections.seed, epoch=epoch,
+                               num_actors=actors, num_cpus_per_actor=sc.data_cpus_per_actor,
+                               actor_batch_size=sc.data_batch_size, resources=sc.data_resources)
+        _, collate_cfg = build_transforms(dataset.pipeline)
+        return iter_detection_batches(ds, batch_size, collate_cfg, with_masks=getattr(dataset, "with_masks", False),
+                                      train=train)
+
+    return stream
+
+
+def ray_loaders(datasets: dict, sections: Sections, rank: int, world_size: int, iters_per_epoch: int):
+    """This rank's per-epoch training stream (exactly ``iters_per_epoch`` batches) and evaluation stream."""
+    stream = ray_stream(sections)
+    train_loader = val_loader = None
+    if "train" in datasets:
+        train_ds = datasets["train"]
+
+        def train_loader(epoch: int):
+            records = shard_records(train_ds.records, rank, world_size, sections.seed, epoch, pad=True)
+            return take(stream(train_ds, records, True, epoch), iters_per_epoch)
+
+    if "val" in datasets:
+        val_ds = datasets["val"]
+
+        def val_loader():
+            return stream(val_ds, shard_records(val_ds.records, rank, world_size, None, 0, pad=False), False, 0)
+
+    return train_loader, val_loader
+
+
+def train_loop_per_worker(config: dict) -> dict:
+    """Ray Train worker entry point: config carries the resolved pipeline and an object ref to the datasets."""
+    import tempfile
+
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    _setup_logging()
+    cfg = Config(config["pipeline"], config["path"], config["origins"])
+    sections = parse_sections(cfg)
+    datasets = ray.get(config["datasets"][0])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    def report(metrics: dict, state: dict | None):
+        metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if state is None:
+            ray.train.report(metrics)
+            return
+        from raydet.engine.checkpoint import CHECKPOINT_FILE, save_checkpoint
+
+        tmp = tempfile.mkdtemp(prefix="raydet-ckpt-")
+        save_checkpoint(state, os.path.join(tmp, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    wrap = ray.train.torch.prepare_model if world > 1 or device.type == "cuda" else None
+    runner = build_runner(cfg, datasets, device=device, rank=rank, world_size=world, report=report,
+                          work_dir=config["work_dir"] if rank == 0 else None, wrap_model=wrap, sections=sections)
+    runner.train_loader, runner.val_loader = ray_loaders(datasets, sections, rank, world, runner.iters_per_epoch)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            runner.load_state_dict(load_checkpoint(d, map_location=device), source=str(d))
+        log.info("resumed from %s at epoch %d (iteration %d)", checkpoint.path, runner.epoch, runner.iter)
+    runner.run()
+    return {"metrics": runner.metrics, "epoch": runner.epoch, "iter": runner.iter}
+
+
+# --------------------------------------------------------------------------------------------------- driver
+def _setup_logging():
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stdout, force=False)
+    logging.getLogger("raydet").setLevel(logging.INFO)
+
+
+def init_ray():
+    """Connect to the cluster in RAY_ADDRESS (``ray job submit``) or a running local one; else start one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(logging_level=logging.WARNING, log_to_driver=True)
+
+
+def run_name(pipeline: Path, resume: bool) -> str:
+    """Resumable runs need a stable name (Ray finds the snapshot by it); fresh runs get a unique one."""
+    return pipeline.stem if resume else f"{pipeline.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = None):
+    """Run the pipeline's training on Ray Train; returns rank 0's final ``{"metrics", "epoch", "iter"}``."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    sections = parse_sections(cfg)
+    cfg.build("model")  # fail on a bad model section before any worker starts
+    datasets = build_datasets(cfg, sections)
+    init_ray()
+    sc = sections.scaling
+    resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    ck = sections.checkpoint
+    run_config = RunConfig(
+        name=name or run_name(Path(cfg.path), resume), storage_path=os.path.abspath(os.path.join(work_dir, "ray")),
+        failure_config=FailureConfig(max_failures=sc.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=ck.num_to_keep, checkpoint_score_attribute=ck.score_attribute,
+                                           checkpoint_score_order=ck.score_order))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
+                           "datasets": [ray.put(datasets)], "work_dir": os.path.abspath(work_dir)},
+        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        run_config=run_config)
+    result = trainer.fit()
+    return result
+
+
+def main(argv=None) -> int:
+    from raydet.evaluation import format_coco_table
+
+    parser = argparse.ArgumentParser(prog="raydet train", description="Train a detector on Ray Train.")
+    parser.add_argument("pipeline", nargs="?", default=None, help="pipeline YAML (default: the quickstart)")
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override pipeline keys, values parsed as YAML")
+    parser.add_argument("--resume", action="store_true", help="continue the run of this pipeline from its last checkpoint")
+    parser.add_argument("--work-dir", default=None, help="logs, checkpoints and results (default: pipeline's work_dir)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    pipeline = Path(args.pipeline) if args.pipeline else QUICKSTART
+    try:
+        cfg = load_config(pipeline, args.set)
+        sections = parse_sections(cfg)
+        work_dir = args.work_dir or os.path.join(sections.work_dir, pipeline.stem)
+        result = fit(cfg, work_dir=work_dir, resume=args.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = result.return_value or {}
+    metrics = out.get("metrics") or {}
+    print(f"\nraydet: trained {out.get('epoch')} epochs ({out.get('iter')} iterations); work dir {work_dir}")
+    if metrics:
+        print(format_coco_table(metrics) if any(k.split("/")[0] in ("bbox", "segm") for k in metrics)
+              else "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""The training engine without Ray: hook order, schedules, optimizer step, checkpoints and exact resume."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from raydet.config import load_config
+from raydet.data.collate import collate_samples
+from raydet.data.synthetic import make_shapes_dataset
+from raydet.engine.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from raydet.engine.hooks import HOOK_POINTS, Hook, NonFiniteLossError, OptimizerHook
+from raydet.engine.optim import LrScheduleConfig, OptimizerConfig, lr_at, scaled_lr
+from raydet.engine.runner import Runner
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class ToyDetector(nn.Module):
+    """One parameter; loss (w - target)^2 per batch; predictions carry nothing."""
+
+    def __init__(self, target=1.0):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.target = target
+
+    def forward(self, batch, mode="loss"):
+        if mode == "loss":
+            return {"loss_toy": (self.w - self.target) ** 2 * batch["scale"]}
+        return self.predict(batch)
+
+    def predict(self, batch):
+        return [{} for _ in batch["img_metas"]]
+
+
+class Recorder(Hook):
+    def __init__(self, name, priority, calls):
+        self.name, self.priority, self.calls = name, priority, calls
+
+    def __getattribute__(self, item):
+        if item in HOOK_POINTS:
+            return lambda runner: self.calls.append((item, object.__getattribute__(self, "name")))
+        return object.__getattribute__(self, item)
+
+
+class ValEverything(Hook):
+    """Runs the evaluation pass after every epoch (what EvalHook does, minus the scoring)."""
+
+    def after_train_epoch(self, runner):
+        runner.val()
+
+
+def toy_runner(calls, epochs=2, iters=2, val_iters=1):
+    batches = [{"scale": torch.tensor(1.0), "img_metas": [{}]} for _ in range(iters)]
+    model = ToyDetector()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = [Recorder("late", 80, calls), Recorder("early", 20, calls), OptimizerHook(), ValEverything()]
+    return Runner(model, opt, train_loader=lambda epoch: batches, val_loader=lambda: batches[:val_iters],
+                  max_epochs=epochs, hooks=hooks)
+
+
+def test_hooks_run_at_every_point_in_order_and_by_priority():
+    calls = []
+    runner = toy_runner(calls, epochs=2, iters=2, val_iters=1)
+    runner.run()
+    both = lambda point: [(point, "early"), (point, "late")]  # noqa: E731  (priority 20 before 80)
+    val = [c for p in ("before_val_epoch", "before_val_iter", "after_val_iter", "after_val_epoch") for c in both(p)]
+    expected = both("before_run")
+    for _ in range(2):
+        expected += both("before_train_epoch")
+        expected += (both("before_train_iter") + both("after_train_iter")) * 2
+        # the evaluation pass (priority 50) runs inside after_train_epoch, between the two recorders
+        expected += [("after_train_epoch", "early")] + val + [("after_train_epoch", "late")]
+    expected += both("after_run")
+    assert calls == expected
+    assert runner.epoch == 2 and runner.iter == 4
+    # SGD on (w - 1)^2 with lr 0.1: w <- w - 0.2 (w - 1), four steps from 0: 1 - 0.8^4
+    assert runner.module.w.item() == pytest.approx(1 - 0.8 ** 4)
+
+
+def test_linear_warmup_and_step_schedule_by_hand():
+    sched = LrScheduleConfig(warmup="linear", warmup_iters=500, warmup_ratio=0.001, steps=[8, 11], gamma=0.1)
+    assert lr_at(0.02, sched, 0, 0) == pytest.approx(0.02 * 0.001)
+    assert lr_at(0.02, sched, 0, 250) == pytest.approx(0.02 * (1 - 0.5 * 0.999))
+    assert lr_at(0.02, sched, 0, 500) == pytest.approx(0.02)
+    assert lr_at(0.02, sched, 7, 10_000) == pytest.approx(0.02)
+    assert lr_at(0.02, sched, 8, 10_000) == pytest.approx(0.002)
+    assert lr_at(0.02, sched, 11, 10_000) == pytest.approx(0.0002)
+    constant = LrScheduleConfig(warmup="constant", warmup_iters=10, warmup_ratio=0.1, steps=[], gamma=0.1)
+    assert lr_at(0.01, constant, 0, 3) == pytest.approx(0.001)
+    # linear scaling rule: 0.02 at 16 images -> 0.005 at 2 workers x 2 images
+    assert scaled_lr(OptimizerConfig(lr=0.02, base_batch_size=16), 4) == pytest.approx(0.005)
+
+
+def test_nonfinite_loss_stops_with_the_iteration_and_term_or_skips():
+    batches = [{"scale": torch.tensor(1.0), "img_metas": [{}]}, {"scale": torch.tensor(float("nan")), "img_metas": [{}]}]
+    model = ToyDetector()
+    runner = Runner(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=lambda e: batches,
+                    val_loader=None, max_epochs=1, hooks=[OptimizerHook(nonfinite="stop")])
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, iteration 2: loss_toy=nan"):
+        runner.run()
+
+    model = ToyDetector()
+    skip = OptimizerHook(nonfinite="skip")
+    runner = Runner(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=lambda e: batches,
+                    val_loader=None, max_epochs=1, hooks=[skip])
+    runner.run()
+    assert skip.skipped == 1 and model.w.item() == pytest.approx(0.2)  # only the finite step was taken
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "checkpoint.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}, "epoch": 1}, path)
+
+    def broken_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"model": {"w": torch.zeros(3)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["model"]["w"], torch.ones(3))
+    assert os.listdir(path.parent) == ["checkpoint.pt"]  # no temporary file left behind
+
+
+def test_loading_a_checkpoint_of_another_model_names_it_and_the_keys(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        load_checkpoint(tmp_path / "nowhere.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint .*junk.pt"):
+        load_checkpoint(tmp_path / "junk.pt")
+    model = nn.Sequential(nn.Linear(4, 3))
+    other = nn.Sequential(nn.Linear(4, 5))
+    with pytest.raises(ValueError, match=r"(?s)other.pt does not fit.*0.weight: checkpoint \(5, 4\) vs model \(3, 4\)"):
+        load_model_weights(model, other.state_dict(), "other.pt")
+
+
+# ------------------------------------------------------------------------------------------- exact resume
+TINY_FASTER = [
+    "num_classes=3", "model.backbone.depth=18", "model.backbone.frozen_stages=-1", "model.backbone.norm_eval=false",
+    "model.neck.in_channels=[64, 128, 256, 512]", "model.neck.out_channels=32",
+    "model.rpn_head.in_channels=32", "model.rpn_head.feat_channels=32",
+    "model.roi_head.bbox_head.in_channels=32", "model.roi_head.bbox_head.fc_out_channels=64",
+    "model.roi_head.sampler.num=64",
+    "optimizer={type: SGD, lr: 0.01, momentum: 0.9, weight_decay: 0.0001, base_batch_size: 2}",
+    "lr_schedule={warmup: linear, warmup_iters: 3, warmup_ratio: 0.1, steps: [1], gamma: 0.1}",
+]
+
+
+def _tiny_run(tmp_path, epochs, state=None):
+    import raydet.models  # noqa: F401
+    from raydet.train import build_runner, parse_sections
+
+    cfg = load_config(ROOT / "pipelines" / "faster_rcnn_r50_fpn_1x_coco.yaml",
+                      TINY_FASTER + [f"train.max_epochs={epochs}", "data.images_per_worker=2"])
+    samples = make_shapes_dataset(4, 64, 64, max_objects=2, seed=1)
+
+    class Data:  # the slice of the dataset API that build_runner needs
+        records = [r for _, r in samples]
+        classes, cat_ids = ("rectangle", "ellipse", "triangle"), (1, 2, 3)
+
+    def loader(epoch):  # epoch-dependent order, as the real loaders
+        order = [0, 1, 2, 3] if epoch % 2 == 0 else [2, 3, 0, 1]
+        return [collate_samples([samples[i] for i in order[k:k + 2]]) for k in (0, 2)]
+
+    saved = {}
+    runner = build_runner(cfg, {"train": Data()}, device="cpu", train_loader=loader,
+                          report=lambda metrics, st: saved.update(st or {}), sections=parse_sections(cfg))
+    if state is not None:
+        runner.load_state_dict(state)
+    runner.run()
+    return runner, saved
+
+
+def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
+    straight, _ = _tiny_run(tmp_path, epochs=2)
+    first, state = _tiny_run(tmp_path, epochs=1)
+    path = save_checkpoint(state, tmp_path / "checkpoint.pt")
+    resumed, _ = _tiny_run(tmp_path, epochs=2, state=load_checkpoint(path))
+    assert resumed.epoch == straight.epoch == 2 and resumed.iter == straight.iter == 4
+    a, b = straight.module.state_dict(), resumed.module.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the optimizer moved the weights (a resume that skipped training would not match the straight run anyway)
+    assert not torch.equal(first.module.state_dict()["roi_head.bbox_head.fc_cls.weight"],
+                           straight.module.state_dict()["roi_head.bbox_head.fc_cls.weight"])
