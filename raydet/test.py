@@ -18,7 +18,7 @@ from raydet.engine.hooks import EvalHook
 from raydet.engine.runner import Runner
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
-from raydet.train import _setup_logging, build_datasets, init_ray, parse_sections, ray_loaders
+from raydet.train import _setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
@@ -72,6 +72,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     init_ray()
+    check_cpu_budget(sections)
     sc = sections.scaling
     resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
     if sc.use_gpu:
@@ -126,4 +127,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not __main__'s: Ray pickles the worker function by reference to
+    # raydet.test (a function defined in __main__ would be pickled by value, with everything it touches).
+    import importlib
+
+    sys.exit(importlib.import_module("raydet.test").main())

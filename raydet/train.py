@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import raydet.data  # noqa: F401  (registers the dataset and transform types)
+import raydet.models  # noqa: F401  (registers the model components)
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint
 from raydet.engine.hooks import CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook
@@ -201,7 +203,7 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
                            nonfinite=sections.train.nonfinite_loss),
              CheckpointHook(sections.checkpoint.interval),
              LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
-    if "val" in datasets and val_loader is not None:
+    if "val" in datasets:
         evaluator = DatasetEvaluator(datasets["val"], sections.evaluation.metric, sections.evaluation.proposal_nums)
         hooks.append(EvalHook(evaluator, sections.evaluation.interval))
     for i, spec in enumerate(cfg.get("hooks") or []):
@@ -222,11 +224,17 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
 
 
 def take(iterable, n: int):
-    """The first ``n`` items of ``iterable``."""
-    for i, item in enumerate(iterable):
-        if i >= n:
-            return
-        yield item
+    """The first ``n`` items of ``iterable``; a generator is closed right after (so a Ray Data stream stops now,
+    not when it is garbage-collected)."""
+    try:
+        for i, item in enumerate(iterable):
+            if i >= n:
+                return
+            yield item
+    finally:
+        close = getattr(iterable, "close", None)
+        if close is not None:
+            close()
 
 
 # --------------------------------------------------------------------------------------------------- Ray worker
@@ -236,6 +244,11 @@ def ray_stream(sections: Sections):
     from raydet.data.pipeline import build_transforms
     from raydet.data.ray_data import build_ray_dataset, iter_detection_batches
 
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the LoggerHook reports progress; bars only add blank lines to worker logs
+    context.print_on_execution_start = False
     sc, batch_size = sections.scaling, sections.data.images_per_worker
     actors = tuple(sc.data_actors) if len(sc.data_actors) > 1 else sc.data_actors[0]
 
@@ -326,13 +339,44 @@ def init_ray():
     ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 
+def check_cpu_budget(sections: Sections) -> None:
+    """Fail clearly, instead of waiting forever, when the training workers leave no CPU for the decode actors.
+
+    Ray Train workers hold their CPUs for the whole run; each worker's Ray Data stream needs at least
+    ``data_actors[0]`` actors of ``data_cpus_per_actor`` CPUs on top. On a cluster we connected to (RAY_ADDRESS,
+    e.g. under ``ray job submit``), which may autoscale, this is only a warning.
+    """
+    import ray
+
+    sc = sections.scaling
+    if sc.data_resources:  # actors go to other (CPU-only) nodes
+        return
+    workers = sc.num_workers * sc.cpus_per_worker
+    actors = sc.num_workers * sc.data_actors[0] * sc.data_cpus_per_actor
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if workers + actors <= total + 1e-9:
+        return
+    message = (f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker} CPU + {sc.num_workers} x "
+               f"{sc.data_actors[0]} decode actors x {sc.data_cpus_per_actor} CPU = {workers + actors:g} CPUs, but the "
+               f"cluster has {total:g}; the data pipeline would wait forever. Lower scaling.cpus_per_worker or "
+               f"scaling.data_cpus_per_actor, or use fewer workers.")
+    if os.environ.get("RAY_ADDRESS"):
+        log.warning(message)
+    else:
+        raise ConfigError(message)
+
+
 def run_name(pipeline: Path, resume: bool) -> str:
     """Resumable runs need a stable name (Ray finds the snapshot by it); fresh runs get a unique one."""
     return pipeline.stem if resume else f"{pipeline.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = None):
-    """Run the pipeline's training on Ray Train; returns rank 0's final ``{"metrics", "epoch", "iter"}``."""
+def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = None, callbacks=()):
+    """Run the pipeline's training on Ray Train; returns rank 0's final ``{"metrics", "epoch", "iter"}``.
+
+    ``callbacks``: Ray Train ``UserCallback`` objects for the run (``raydet.tune`` passes Tune's
+    ``TuneReportCallback`` so every epoch's report reaches the study).
+    """
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -342,6 +386,7 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     cfg.build("model")  # fail on a bad model section before any worker starts
     datasets = build_datasets(cfg, sections)
     init_ray()
+    check_cpu_budget(sections)
     sc = sections.scaling
     resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
     if sc.use_gpu:
@@ -349,7 +394,7 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     ck = sections.checkpoint
     run_config = RunConfig(
         name=name or run_name(Path(cfg.path), resume), storage_path=os.path.abspath(os.path.join(work_dir, "ray")),
-        failure_config=FailureConfig(max_failures=sc.max_failures),
+        failure_config=FailureConfig(max_failures=sc.max_failures), callbacks=list(callbacks),
         checkpoint_config=CheckpointConfig(num_to_keep=ck.num_to_keep, checkpoint_score_attribute=ck.score_attribute,
                                            checkpoint_score_order=ck.score_order))
     trainer = TorchTrainer(
@@ -394,4 +439,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main, not __main__'s: Ray pickles the worker function by reference to
+    # raydet.train (a function defined in __main__ would be pickled by value, with everything it touches).
+    import importlib
+
+    sys.exit(importlib.import_module("raydet.train").main())

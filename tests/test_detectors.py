@@ -57,9 +57,10 @@ def build_from_pipeline(name: str, overrides=()):
 @pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
 def test_every_pipeline_builds_its_model(name):
     model = build_from_pipeline(name)
-    expected = {"faster": "FasterRCNN", "mask": "MaskRCNN", "retinanet": "RetinaNet", "rpn": "RPN"}
+    expected = {"faster": "FasterRCNN", "mask": "MaskRCNN", "retinanet": "RetinaNet", "rpn": "RPN",
+                "quickstart.yaml": "FasterRCNN"}
     assert type(model).__name__ == expected[name.split("_")[0]]
-    num_classes = 20 if "voc" in name else 80
+    num_classes = 20 if "voc" in name else 3 if name == "quickstart.yaml" else 80
     if hasattr(model, "roi_head"):
         assert model.roi_head.bbox_head.fc_cls.out_features == num_classes + 1
     if hasattr(model, "bbox_head"):
@@ -137,7 +138,7 @@ def shapes():
 
 @pytest.mark.parametrize("pipeline,extra,iters", [
     ("faster_rcnn_r50_fpn_1x_coco.yaml", TINY_RPN + TINY_ROI, 60),
-    ("retinanet_r50_fpn_1x_coco.yaml", TINY_RETINA, 100),
+    ("retinanet_r50_fpn_1x_coco.yaml", TINY_RETINA, 150),
 ], ids=["faster_rcnn", "retinanet"])
 def test_detector_overfits_a_few_images(shapes, pipeline, extra, iters):
     samples, records = shapes

@@ -1,1 +1,35 @@
+"""Datasets, transforms, collate and the Ray Data input pipeline.
 
+* readers (records, see raydet.structures): :class:`CocoDataset`, :class:`VOCDataset`,
+  :class:`SyntheticShapesDataset` (raydet.data.datasets)
+* per-image transforms: :class:`Resize`, :class:`RandomFlip`; batch-level :class:`Normalize`, :class:`Pad`
+  (raydet.data.transforms); :func:`build_transforms` splits a pipeline list (raydet.data.pipeline)
+* batches: :func:`collate_detection` (raydet.data.collate)
+* Ray Data: :func:`build_ray_dataset`, :func:`iter_detection_batches` (raydet.data.ray_data; Ray is imported
+  only when a dataset is built); :class:`TorchDetectionDataset` is the plain PyTorch reference loader.
+
+Importing this package does not import torch (``collate_detection`` / ``collate_samples`` load it on first use),
+so Ray Data decode actors, which unpickle classes from here, start without paying for torch.
+"""
+from .datasets import (VOC_CLASSES, CocoDataset, CorruptImageError, DetectionDataset, SyntheticShapesDataset,
+                       VOCDataset, read_image)
+from .pipeline import Compose, TorchDetectionDataset, build_transforms, image_rng, load_sample, record_to_sample
+from .ray_data import DecodeAndTransform, build_ray_dataset, iter_detection_batches
+from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Transform, rescale_size, scales_from_range
+
+__all__ = [
+    "CollateConfig", "collate_detection", "collate_samples",
+    "DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
+    "CorruptImageError",
+    "Compose", "build_transforms", "image_rng", "load_sample", "record_to_sample", "TorchDetectionDataset",
+    "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches",
+    "Transform", "Resize", "RandomFlip", "Normalize", "Pad", "scales_from_range", "rescale_size",
+]
+
+
+def __getattr__(name):  # the torch-based collate functions, imported on first use
+    if name in ("collate_detection", "collate_samples"):
+        from . import collate
+
+        return getattr(collate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

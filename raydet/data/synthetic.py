@@ -1,13 +1,15 @@
 """A deterministic synthetic detection dataset: coloured shapes with boxes and polygon masks.
 
 It needs no download, so tests, the quickstart and the benchmarks can run anywhere. Three classes:
-``rectangle``, ``ellipse`` and ``triangle``, drawn with OpenCV from the same polygons that become the instance
-masks, so boxes, masks and pixels agree exactly.
+``rectangle``, ``ellipse`` and ``triangle``, painted from the very bitmaps that the instance polygons rasterise to
+(``raydet.masks``: pixel (x, y) covers [x, x + 1) x [y, y + 1)), so masks and pixels agree exactly and boxes are the
+polygons' extents in the same pixel frame.
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from raydet.masks import polygons_to_bitmap
 
 CLASSES = ("rectangle", "ellipse", "triangle")
 
@@ -52,7 +54,8 @@ def make_shape_sample(image_id: int, height: int = 128, width: int = 128, max_ob
         else:
             continue
         colour = tuple(int(c) for c in rng.integers(120, 256, size=3))
-        cv2.fillPoly(image, [np.round(poly * 16).astype(np.int32)], colour, lineType=cv2.LINE_8, shift=4)
+        # (OpenCV's fillPoly would put pixel centres at integer coordinates: half a pixel off the annotations.)
+        image[polygons_to_bitmap([poly.reshape(-1).tolist()], height, width).astype(bool)] = colour
         boxes.append(box)
         labels.append(kind)
         polygons.append([poly.reshape(-1).astype(float).tolist()])

@@ -55,6 +55,9 @@ class AnchorHead(nn.Module, ABC):
         self.loss_bbox = loss_bbox
         self.assigner = assigner
         self.sampler = sampler if sampler is not None else PseudoSampler()
+        if getattr(self.sampler, "add_gt_as_proposals", False):
+            # get_targets maps sampled indices back to anchors; gts prepended as candidates have no anchor.
+            raise ValueError("dense heads sample anchors only: set sampler.add_gt_as_proposals to false")
         self.sampling = not isinstance(self.sampler, PseudoSampler)
         self.allowed_border = allowed_border
         self.pos_weight = pos_weight

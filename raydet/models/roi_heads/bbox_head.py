@@ -90,7 +90,7 @@ class ConvFCBBoxHead(nn.Module):
         """One image's RoIs (R, 5) -> (boxes (m, 4) in input pixels, scores (m,), labels (m,)) after NMS."""
         scores = F.softmax(cls_score, dim=1)[:, : self.num_classes]
         boxes = self.bbox_coder.decode(rois[:, 1:], bbox_pred, max_shape=img_shape)
-        boxes = boxes.view(boxes.shape[0], -1, 4)
+        boxes = boxes.view(boxes.shape[0], bbox_pred.shape[1] // 4, 4)  # -1 is ambiguous with no RoIs
         if boxes.shape[1] == 1:
             boxes = boxes.expand(-1, self.num_classes, -1)
         return multiclass_nms(boxes, scores, cfg.score_thr, cfg.nms_iou, cfg.max_per_img)

@@ -1,0 +1,206 @@
+"""Input-pipeline throughput: Ray Data actors vs a torch DataLoader, same per-image transforms and collate.
+
+Both loaders decode JPEGs, apply COCO's training transforms (Resize to [1333, 800] keeping the ratio, RandomFlip)
+and build normalised, padded batches with raydet.data.collate.collate_detection. Images come from
+../shared/data/bccd (640x480 JPEGs, resized up to 1067x800), repeated to ``--images`` per epoch, or from
+synthetic JPEGs when that folder is absent (``--source synthetic`` forces them).
+
+Reported per loader:
+  cold start   time to the first batch and total time of a fresh epoch (Ray: dataset build + actor start-up;
+               torch: worker processes start-up), and images/s over that whole epoch;
+  steady state images/s after ``--warmup`` batches of the same epoch;
+  multi-epoch  ``--epochs`` epochs one after the other: Ray with one dataset per epoch (actor pool restarts every
+               epoch) vs one dataset spanning all epochs (``num_epochs``, actors stay up); torch with fresh vs
+               persistent workers.
+
+Usage::
+
+    python benchmarks/data_pipeline.py --images 300 --workers 2 --out benchmarks/results/data_pipeline.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raydet.data import CocoDataset, TorchDetectionDataset, build_ray_dataset, build_transforms  # noqa: E402
+from raydet.data import iter_detection_batches  # noqa: E402
+
+PIPELINE = [
+    {"type": "Resize", "scale": [1333, 800], "keep_ratio": True},
+    {"type": "RandomFlip", "prob": 0.5},
+    {"type": "Normalize", "mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},
+    {"type": "Pad", "size_divisor": 32},
+]
+
+
+def make_dataset(source: str, num_images: int) -> tuple[CocoDataset, str]:
+    bccd = ROOT / ".." / "shared" / "data" / "bccd"
+    if source == "bccd" or (source == "auto" and bccd.is_dir()):
+        ds = CocoDataset(str(bccd / "annotations" / "instances_trainval.json"), str(bccd / "JPEGImages") + "/",
+                         pipeline=PIPELINE, filter_empty_gt=True)
+        name = "bccd 640x480 JPEG"
+    else:
+        ds = _synthetic_jpegs()
+        name = "synthetic 640x480 JPEG"
+    base = ds.records
+    ds.records = [dict(base[i % len(base)], image_id=i + 1) for i in range(num_images)]
+    return ds, name
+
+
+def _synthetic_jpegs() -> CocoDataset:
+    import cv2
+
+    from raydet.data.synthetic import make_shape_sample
+
+    folder = Path(tempfile.mkdtemp(prefix="raydet_bench_"))
+    images, anns = [], []
+    for i in range(1, 33):
+        image, rec = make_shape_sample(i, height=480, width=640, max_objects=8, min_size=30)
+        cv2.imwrite(str(folder / rec["file_name"].replace(".png", ".jpg")), image[..., ::-1])
+        images.append({"id": i, "file_name": rec["file_name"].replace(".png", ".jpg"), "height": 480, "width": 640})
+        for b, lab in zip(rec["boxes"].tolist(), rec["labels"].tolist()):
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": lab + 1, "iscrowd": 0,
+                         "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]]})
+    cats = [{"id": k + 1, "name": n} for k, n in enumerate(("rectangle", "ellipse", "triangle"))]
+    (folder / "ann.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return CocoDataset(str(folder / "ann.json"), str(folder) + "/", pipeline=PIPELINE)
+
+
+def measure(batches, warmup: int, start: float) -> dict:
+    """Consume an iterator of batches; cold-start and steady-state timings (start: when the loader was created)."""
+    first = None
+    n_images = 0
+    t_warm, n_warm = None, 0
+    for k, batch in enumerate(batches):
+        now = time.perf_counter()
+        if first is None:
+            first = now - start
+        n_images += len(batch["img_metas"])
+        if k + 1 == warmup:
+            t_warm, n_warm = now, n_images
+    end = time.perf_counter()
+    total = end - start
+    steady = (n_images - n_warm) / (end - t_warm) if t_warm is not None and end > t_warm else float("nan")
+    return {"images": n_images, "first_batch_s": round(first, 3), "total_s": round(total, 3),
+            "epoch_img_per_s": round(n_images / total, 1), "steady_img_per_s": round(steady, 1)}
+
+
+def ray_epoch(ds, cfg, args, epoch: int, num_epochs: int = 1) -> dict:
+    start = time.perf_counter()
+    rd = build_ray_dataset(ds, train=True, seed=0, epoch=epoch, num_actors=args.workers, num_epochs=num_epochs,
+                           num_cpus_per_actor=args.cpus_per_actor, actor_batch_size=args.actor_batch_size)
+    built = time.perf_counter() - start
+    out = measure(iter_detection_batches(rd, args.batch_size, cfg, with_masks=False, train=True,
+                                         prefetch_batches=args.prefetch), args.warmup, start)
+    out["build_dataset_s"] = round(built, 3)
+    return out
+
+
+def torch_loader(ds, args, persistent: bool):
+    import torch
+
+    tds = TorchDetectionDataset(ds, train=True, seed=0)
+    loader = torch.utils.data.DataLoader(tds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                                         collate_fn=tds.collate_fn, persistent_workers=persistent and args.workers > 0,
+                                         prefetch_factor=2 if args.workers > 0 else None)
+    return tds, loader
+
+
+def torch_epoch(ds, args) -> dict:
+    start = time.perf_counter()
+    _, loader = torch_loader(ds, args, persistent=False)
+    return measure(iter(loader), args.warmup, start)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=300, help="images per epoch")
+    parser.add_argument("--workers", type=int, default=2, help="Ray decode actors = DataLoader worker processes")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=10, help="batches before steady-state timing starts")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs for the multi-epoch comparison (0: skip)")
+    parser.add_argument("--cpus-per-actor", type=float, default=0.5)
+    parser.add_argument("--actor-batch-size", type=int, default=8)
+    parser.add_argument("--prefetch", type=int, default=1, help="prefetch_batches of the Ray iterator")
+    parser.add_argument("--source", choices=("auto", "bccd", "synthetic"), default="auto")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray instance")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "data_pipeline.json"))
+    args = parser.parse_args(argv)
+
+    import ray
+    import torch
+
+    torch.set_num_threads(1)
+    ds, source = make_dataset(args.source, args.images)
+    _, cfg = build_transforms(ds.pipeline)
+
+    t = time.perf_counter()
+    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray_init_s = time.perf_counter() - t
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+    results = {"ray": {}, "torch": {}}
+    print(f"{source}, {args.images} images/epoch at 1333x800, {args.workers} workers, batch {args.batch_size}, "
+          f"{os.cpu_count()} CPUs; ray.init {ray_init_s:.1f}s", flush=True)
+    results["torch"]["cold_epoch"] = torch_epoch(ds, args)
+    results["ray"]["cold_epoch"] = ray_epoch(ds, cfg, args, epoch=0)  # actor pool start-up included
+
+    if args.epochs > 1:
+        t = time.perf_counter()
+        per_epoch = [ray_epoch(ds, cfg, args, epoch=e) for e in range(args.epochs)]
+        results["ray"]["dataset_per_epoch"] = {"epochs": args.epochs, "total_s": round(time.perf_counter() - t, 3),
+                                               "first_batch_s": [r["first_batch_s"] for r in per_epoch]}
+        spanning = ray_epoch(ds, cfg, args, epoch=0, num_epochs=args.epochs)
+        results["ray"]["one_dataset_all_epochs"] = {"epochs": args.epochs, "total_s": spanning["total_s"],
+                                                    "first_batch_s": spanning["first_batch_s"]}
+        for persistent in (False, True):
+            t = time.perf_counter()
+            tds, loader = torch_loader(ds, args, persistent)
+            for e in range(args.epochs):
+                tds.set_epoch(e)
+                for _ in loader:
+                    pass
+            key = "persistent_workers" if persistent else "fresh_workers"
+            results["torch"][key] = {"epochs": args.epochs, "total_s": round(time.perf_counter() - t, 3)}
+
+    results.update({
+        "config": {**vars(args), "source": source, "pipeline": PIPELINE},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "ray": ray.__version__,
+                    "torch": torch.__version__},
+        "ray_init_s": round(ray_init_s, 3),
+    })
+    ray.shutdown()
+
+    rows = [("loader", "first batch s", "epoch s", "epoch img/s", "steady img/s")]
+    for name in ("torch", "ray"):
+        r = results[name]["cold_epoch"]
+        rows.append((name, r["first_batch_s"], r["total_s"], r["epoch_img_per_s"], r["steady_img_per_s"]))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
+    if args.epochs > 1:
+        ray_r, torch_r = results["ray"], results["torch"]
+        print(f"{args.epochs} epochs: ray dataset per epoch {ray_r['dataset_per_epoch']['total_s']}s, "
+              f"one dataset for all epochs {ray_r['one_dataset_all_epochs']['total_s']}s; torch fresh workers "
+              f"{torch_r['fresh_workers']['total_s']}s, persistent workers {torch_r['persistent_workers']['total_s']}s")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

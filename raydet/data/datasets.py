@@ -1,0 +1,702 @@
+"""Dataset readers: COCO json, Pascal VOC xml and the synthetic shapes, producing records (raydet.structures).
+
+Every reader validates its annotations and reports each problem with the file and the record it concerns
+(image id, annotation id, file name). ``on_error="fail"`` (default) raises one ValueError listing the first
+problems and the count; ``on_error="skip"`` drops the bad annotation (or the whole image when the image entry
+itself is bad) and emits a single warning with the counts per kind of problem and the first examples. Nothing
+is dropped silently.
+
+Images are decoded lazily with OpenCV (:func:`read_image`): readers only hold records, so a dataset object is
+cheap to ship to Ray Data actors. ``image_loader()`` returns the small picklable callable that decodes one
+record's image; :meth:`DetectionDataset.load_image` uses it.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import io
+import json
+import logging
+import math
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+
+from raydet.registry import register
+
+from .pipeline import build_transforms
+from .transforms import Transform
+
+__all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
+           "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError"]
+
+logger = logging.getLogger(__name__)
+
+VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
+               "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+_ON_ERROR = ("fail", "skip")
+_CLIP_TOLERANCE = 1.0  # boxes may stick out of the image by at most this many pixels (then they are clipped)
+_MAX_EXAMPLES = 5
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Image decoding.
+
+class CorruptImageError(OSError):
+    """An image file exists but cannot be decoded completely (corrupt, truncated, not an image)."""
+
+
+def _truncated_jpeg(data: bytes) -> bool:
+    # Entropy-coded JPEG data stuffs every 0xFF byte, so an end-of-image marker (FF D9) after the last
+    # start-of-scan marker (FF DA) means the last scan is complete.
+    return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+
+
+def read_image(path: str, image_id: Any = None) -> np.ndarray:
+    """Decode an image file -> uint8 (h, w, 3) RGB, pixels in stored order (EXIF orientation is not applied,
+    as annotations refer to the stored pixels).
+
+    Raises FileNotFoundError (missing) or :class:`CorruptImageError` (undecodable or truncated), naming the file
+    and the image id.
+    """
+    who = f"image id {image_id}: " if image_id is not None else ""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{who}image file not found: {path}") from None
+    except OSError as exc:
+        raise OSError(f"{who}cannot read image file {path}: {exc}") from None
+    if data.size == 0:
+        raise CorruptImageError(f"{who}image file is empty: {path}")
+    if _truncated_jpeg(data.tobytes()):
+        raise CorruptImageError(f"{who}truncated JPEG (no end-of-image marker after the last scan): {path}")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise CorruptImageError(f"{who}cannot decode image file (corrupt, truncated or not an image): {path}")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class ImageFileLoader:
+    """Picklable ``record -> image``: decodes ``record["img_path"]`` with :func:`read_image`."""
+
+    def __call__(self, record: dict) -> np.ndarray:
+        return read_image(record["img_path"], record.get("image_id"))
+
+
+class SyntheticImageLoader:
+    """Picklable ``record -> image`` for :class:`SyntheticShapesDataset`: regenerates the image from its id."""
+
+    def __init__(self, height: int, width: int, max_objects: int, seed: int):
+        self.height, self.width, self.max_objects, self.seed = height, width, max_objects, seed
+
+    def __call__(self, record: dict) -> np.ndarray:
+        from .synthetic import make_shape_sample
+
+        return make_shape_sample(int(record["image_id"]), self.height, self.width, self.max_objects,
+                                 seed=self.seed)[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Problem collection and the on_error policy.
+
+class _Problems:
+    """Problems found while reading one source; counted per kind, with the first messages kept."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.counts: collections.Counter = collections.Counter()
+        self.examples: list[str] = []
+
+    def add(self, kind: str, message: str) -> None:
+        self.counts[kind] += 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{kind}: {message}")
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def _summary(self) -> str:
+        kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.counts.items()))
+        first = "\n".join(f"  - {m}" for m in self.examples)
+        return f"{sum(self.counts.values())} problem(s) ({kinds}); first:\n{first}"
+
+    def resolve(self, on_error: str) -> None:
+        if not self:
+            return
+        if on_error == "fail":
+            raise ValueError(f"{self.source}: {self._summary()}\n(set on_error='skip' to drop the bad entries "
+                             f"with a warning)")
+        warnings.warn(f"{self.source}: skipped {self._summary()}", UserWarning, stacklevel=4)
+
+
+def _check_on_error(on_error: str) -> None:
+    if on_error not in _ON_ERROR:
+        raise ValueError(f"on_error must be one of {_ON_ERROR}, got {on_error!r}")
+
+
+def _check_boxes(boxes: np.ndarray, height, width) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validate (n, 4) xyxy boxes (NaN rows: malformed, not flagged) against image sizes (scalars or (n,)).
+
+    Returns (clipped boxes, outside mask, non-positive mask): boxes sticking out by more than 1 px are
+    ``outside``; boxes with x2 <= x1 or y2 <= y1 (after clipping) are ``non-positive``.
+    """
+    n = len(boxes)
+    height = np.broadcast_to(np.asarray(height, np.float64), (n,))
+    width = np.broadcast_to(np.asarray(width, np.float64), (n,))
+    finite = np.isfinite(boxes).all(axis=1)
+    tol = _CLIP_TOLERANCE
+    with np.errstate(invalid="ignore"):
+        outside = finite & ((boxes[:, 0] < -tol) | (boxes[:, 1] < -tol) | (boxes[:, 2] > width + tol)
+                            | (boxes[:, 3] > height + tol))
+        clipped = boxes.copy()
+        clipped[:, 0::2] = np.clip(clipped[:, 0::2], 0, width[:, None])
+        clipped[:, 1::2] = np.clip(clipped[:, 1::2], 0, height[:, None])
+        nonpos = finite & ~outside & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+    return clipped, outside, nonpos
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+def _segmentation_problem(seg, height: int, width: int) -> str | None:
+    """Why ``seg`` is not a usable COCO segmentation (polygon list or RLE dict), or None."""
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if size is None or counts is None:
+            return f"RLE needs 'size' and 'counts', got keys {sorted(seg)}"
+        if not isinstance(size, (list, tuple)) or [int(s) if _is_int(s) else s for s in size] != [height, width]:
+            return f"RLE size {size} does not match the image size [{height}, {width}]"
+        if isinstance(counts, list):
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
+                return f"uncompressed RLE counts must be non-negative ints summing to {height * width}"
+        elif not isinstance(counts, (str, bytes)):
+            return f"RLE counts must be a string or a list of ints, got {type(counts).__name__}"
+        return None
+    if not isinstance(seg, list) or not seg:
+        return f"expected a non-empty list of polygons or an RLE dict, got {type(seg).__name__}"
+    usable = 0
+    for j, poly in enumerate(seg):
+        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in poly):
+            return f"polygon {j} is not a flat list of numbers"
+        if len(poly) % 2:
+            return f"polygon {j} has an odd number of coordinates ({len(poly)})"
+        if not all(math.isfinite(v) for v in poly):
+            return f"polygon {j} has non-finite coordinates"
+        usable += len(poly) >= 6
+    if not usable:
+        return "no polygon has 3 or more points"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+class DetectionDataset:
+    """Common API of the readers.
+
+    Attributes:
+        records: list of record dicts (raydet.structures), plus ``img_path`` (absolute image path) for file-based
+            datasets.
+        classes: tuple of class names; label ``i`` is ``classes[i]``.
+        cat_ids: list, label index -> the dataset's category id.
+        pipeline: the transform configs (or built transforms) applied to each image.
+        with_masks: whether records carry instance masks and the pipeline keeps them.
+    """
+
+    records: list[dict]
+    classes: tuple[str, ...]
+    cat_ids: list[int]
+    pipeline: list
+    with_masks: bool = False
+    filter_empty_gt: bool = False
+    sources: str = ""
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.records[index]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.sources}: {len(self)} images, {len(self.classes)} classes, "
+                f"masks={self.with_masks})")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def image_loader(self):
+        """A small picklable ``record -> uint8 (h, w, 3) RGB`` callable (what Ray Data actors receive)."""
+        return ImageFileLoader()
+
+    def load_image(self, record: dict) -> np.ndarray:
+        """Decode one record's image (uint8 (h, w, 3) RGB)."""
+        return self.image_loader()(record)
+
+    def coco_gt(self):
+        """pycocotools ``COCO`` ground truth of the kept records (for COCO-style evaluation)."""
+        if getattr(self, "_coco_gt", None) is None:
+            from raydet.evaluation import coco_from_records
+
+            self._coco_gt = coco_from_records(self.records, list(self.classes), self.cat_ids)
+        return self._coco_gt
+
+    def _set_pipeline(self, pipeline) -> None:
+        build_transforms(pipeline)  # report a bad pipeline when the dataset is built, not in a Ray actor
+        self.pipeline = list(pipeline or [])
+
+    def _finish(self, records: list[dict]) -> None:
+        """Apply ``filter_empty_gt`` and refuse an empty dataset."""
+        if self.filter_empty_gt:
+            kept = [r for r in records if (~np.asarray(r["ignore"], bool)).any()]
+            if len(kept) != len(records):
+                logger.info("%s: filter_empty_gt dropped %d of %d images without non-ignored boxes",
+                            self.sources, len(records) - len(kept), len(records))
+            records = kept
+        if not records:
+            extra = " after filter_empty_gt" if self.filter_empty_gt else ""
+            raise ValueError(f"{self.sources}: no usable images{extra}")
+        self.records = records
+
+
+def _check_num_classes(num_classes: int | None, classes: Sequence[str], source: str) -> None:
+    if num_classes is not None and num_classes != len(classes):
+        raise ValueError(f"{source}: num_classes={num_classes} but the dataset has {len(classes)} classes "
+                         f"({', '.join(classes)})")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# COCO
+
+def _load_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: annotation file not found") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: invalid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: cannot read the annotation file: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a COCO json object with 'images', 'annotations', 'categories', "
+                         f"got a {type(data).__name__}")
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{path}: missing or invalid '{key}' list")
+    if not isinstance(data.get("annotations", []), list):
+        raise ValueError(f"{path}: 'annotations' must be a list")
+    return data
+
+
+def _box_array(bboxes: list) -> tuple[np.ndarray, np.ndarray]:
+    """COCO bbox entries -> float64 (n, 4) xywh and a malformed mask (rows that are not 4 finite numbers: NaN)."""
+    n = len(bboxes)
+    try:
+        arr = np.asarray(bboxes, dtype=np.float64)
+        if arr.shape == (n, 4):
+            bad = ~np.isfinite(arr).all(axis=1)
+            arr[bad] = np.nan
+            return arr.reshape(n, 4), bad
+    except (TypeError, ValueError):
+        pass
+    arr = np.full((n, 4), np.nan)
+    for i, bb in enumerate(bboxes):
+        if (isinstance(bb, (list, tuple)) and len(bb) == 4
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bb)):
+            arr[i] = bb
+    bad = ~np.isfinite(arr).all(axis=1)
+    arr[bad] = np.nan
+    return arr, bad
+
+
+@register
+class CocoDataset(DetectionDataset):
+    """COCO-format json (boxes, optional instance masks).
+
+    Args:
+        ann_file: the annotation json.
+        img_prefix: folder that ``file_name`` of each image is relative to.
+        pipeline: transform configs for each image (see raydet.data.transforms).
+        filter_empty_gt: drop images without any non-ignored box (training); the count is logged at info level.
+        with_masks: keep segmentations (polygons / RLE) in ``records[i]["masks"]``.
+        num_classes: if given, must equal the number of (selected) categories.
+        classes: select these categories by name, label ``i`` = ``classes[i]``; annotations of other categories
+            are dropped (counted, logged at info level). Default: every category, labels in sorted-id order.
+        on_error: ``"fail"`` or ``"skip"`` (see the module docstring).
+
+    Crowd annotations (``iscrowd=1``, or ``ignore=1``) become ignored boxes. Boxes go from xywh to xyxy; a box
+    that sticks out of the image by at most 1 px is clipped, further out it is an error, as is a non-positive
+    width or height.
+    """
+
+    def __init__(self, ann_file: str, img_prefix: str, pipeline: Sequence[dict | Transform] | None = None,
+                 filter_empty_gt: bool = False, with_masks: bool = False, num_classes: int | None = None,
+                 classes: Sequence[str] | None = None, on_error: str = "fail"):
+        _check_on_error(on_error)
+        self.ann_file, self.img_prefix = str(ann_file), str(img_prefix)
+        self.sources = self.ann_file
+        self.filter_empty_gt, self.with_masks, self.on_error = filter_empty_gt, with_masks, on_error
+        self._set_pipeline(pipeline)
+        data = _load_json(self.ann_file)
+        self._read_categories(data["categories"], classes)
+        _check_num_classes(num_classes, self.classes, self.ann_file)
+        problems = _Problems(self.ann_file)
+        images = self._read_images(data["images"], problems)
+        records = self._read_annotations(data.get("annotations", []), images, problems)
+        problems.resolve(on_error)
+        self._coco_gt = None
+        self._finish(records)
+
+    # -- categories / images / annotations
+
+    def _read_categories(self, categories: list, classes: Sequence[str] | None) -> None:
+        by_id: dict[int, str] = {}
+        for i, c in enumerate(categories):
+            if not isinstance(c, dict) or not _is_int(c.get("id")) or not isinstance(c.get("name"), str):
+                raise ValueError(f"{self.ann_file}: categories[{i}] needs an integer 'id' and a string 'name', "
+                                 f"got {c!r}")
+            if c["id"] in by_id:
+                raise ValueError(f"{self.ann_file}: duplicate category id {c['id']} "
+                                 f"('{by_id[c['id']]}' and '{c['name']}')")
+            by_id[int(c["id"])] = c["name"]
+        self.all_cat_ids = set(by_id)
+        if classes is None:
+            self.cat_ids = sorted(by_id)
+        else:
+            by_name: dict[str, int] = {}
+            for cid, name in by_id.items():
+                by_name.setdefault(name, cid)
+            missing = [c for c in classes if c not in by_name]
+            if missing:
+                raise ValueError(f"{self.ann_file}: classes {missing} are not categories of this file "
+                                 f"(available: {', '.join(by_name)})")
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"{self.ann_file}: classes contains duplicates: {list(classes)}")
+            self.cat_ids = [by_name[c] for c in classes]
+        if not self.cat_ids:
+            raise ValueError(f"{self.ann_file}: no categories")
+        self.classes = tuple(by_id[c] for c in self.cat_ids)
+        self.cat_to_label = {c: i for i, c in enumerate(self.cat_ids)}
+
+    def _read_images(self, images: list, problems: _Problems) -> dict[int, dict]:
+        """image id -> image entry, in file order; bad and duplicate entries reported (and dropped)."""
+        kept: dict[int, dict] = {}
+        self._dropped_image_ids: set = set()
+        for i, im in enumerate(images):
+            if not isinstance(im, dict):
+                problems.add("bad_image", f"images[{i}] is not an object (image dropped)")
+                continue
+            iid, name = im.get("id"), im.get("file_name")
+            h, w = im.get("height"), im.get("width")
+            what = f"image id {iid!r} (images[{i}], file_name {name!r})"
+            if not _is_int(iid) or iid < 0:
+                problems.add("bad_image", f"{what}: 'id' must be a non-negative integer (image dropped)")
+                continue
+            if iid in kept:
+                problems.add("duplicate_image_id", f"{what}: duplicate image id, first used by file_name "
+                             f"{kept[iid]['file_name']!r} (later entry dropped)")
+                continue
+            if not isinstance(name, str) or not name:
+                problems.add("bad_image", f"{what}: missing 'file_name' (image and its annotations dropped)")
+                self._dropped_image_ids.add(iid)
+                continue
+            if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
+                problems.add("bad_image", f"{what}: height/width must be positive integers, got {h!r} x {w!r} "
+                             f"(image and its annotations dropped)")
+                self._dropped_image_ids.add(iid)
+                continue
+            kept[iid] = im
+        return kept
+
+    def _read_annotations(self, anns: list, images: dict[int, dict], problems: _Problems) -> list[dict]:
+        src = self.ann_file
+        n = len(anns)
+        anns = [a if isinstance(a, dict) else {} for a in anns]
+        ann_ids = [a.get("id") for a in anns]
+        xywh, malformed = _box_array([a.get("bbox") for a in anns])
+        keep = np.ones(n, bool)
+
+        # Per-annotation facts (list comprehensions; the checks on numbers are vectorised below).
+        image_ids = [a.get("image_id") for a in anns]
+        image_of = [images.get(iid) if _is_int(iid) else None for iid in image_ids]
+        cats = [a.get("category_id") for a in anns]
+        labels = np.array([self.cat_to_label.get(c, -1) if _is_int(c) else -1 for c in cats], dtype=np.int64)
+        heights = np.array([im["height"] if im is not None else 0 for im in image_of], dtype=np.float64)
+        widths = np.array([im["width"] if im is not None else 0 for im in image_of], dtype=np.float64)
+
+        def describe(i: int) -> str:
+            im = image_of[i]
+            name = f", file_name {im['file_name']!r}" if im is not None else ""
+            return f"annotation id {ann_ids[i]!r} (annotations[{i}], image id {image_ids[i]!r}{name})"
+
+        def reject(mask: np.ndarray, kind: str, why) -> None:
+            nonlocal keep
+            for i in np.flatnonzero(mask & keep):
+                problems.add(kind, f"{describe(i)}: {why(i) if callable(why) else why} (annotation dropped)")
+            keep &= ~mask
+
+        seen: set = set()
+        bad_id = np.zeros(n, bool)
+        dup_id = np.zeros(n, bool)
+        for i, aid in enumerate(ann_ids):
+            if not _is_int(aid):
+                bad_id[i] = True
+            elif aid in seen:
+                dup_id[i] = True
+            else:
+                seen.add(aid)
+        reject(bad_id, "bad_annotation", "'id' must be an integer")
+        reject(dup_id, "duplicate_annotation_id", "duplicate annotation id")
+        dropped_image = np.array([iid in self._dropped_image_ids for iid in image_ids], bool)
+        reject(dropped_image, "annotation_of_dropped_image", "its image entry is invalid")
+        no_image = np.array([im is None for im in image_of], bool)
+        reject(no_image, "missing_image", lambda i: f"refers to image id {image_ids[i]!r}, which is not in 'images'")
+        known = np.array([_is_int(c) and c in self.all_cat_ids for c in cats], bool)
+        reject(~known, "unknown_category", lambda i: f"unknown category id {cats[i]!r}")
+        unselected = known & (labels < 0) & keep  # categories left out by `classes`: dropped, logged
+        keep &= ~unselected
+        if unselected.any():
+            logger.info("%s: dropped %d annotations of categories not in `classes`", src, int(unselected.sum()))
+        reject(malformed, "malformed_box", lambda i: f"bbox must be 4 finite numbers [x, y, w, h], got "
+                                                     f"{anns[i].get('bbox')!r}")
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        with np.errstate(invalid="ignore"):
+            nonpos_raw = ~malformed & ((xywh[:, 2] <= 0) | (xywh[:, 3] <= 0))
+        reject(nonpos_raw, "nonpositive_box", lambda i: f"bbox {anns[i].get('bbox')} has non-positive size")
+        clipped, outside, nonpos = _check_boxes(np.where(keep[:, None], xyxy, np.nan), heights, widths)
+        reject(outside, "box_outside_image", lambda i: f"bbox {anns[i].get('bbox')} extends more than "
+               f"{_CLIP_TOLERANCE:g} px outside the {int(widths[i])}x{int(heights[i])} image")
+        reject(nonpos, "nonpositive_box", lambda i: f"bbox {anns[i].get('bbox')} has no area inside the image")
+        if self.with_masks:
+            for i in np.flatnonzero(keep):
+                why = _segmentation_problem(anns[i].get("segmentation"), int(heights[i]), int(widths[i]))
+                if why is not None:
+                    problems.add("malformed_segmentation", f"{describe(i)}: segmentation: {why} "
+                                 f"(annotation dropped)")
+                    keep[i] = False
+
+        crowd = np.array([bool(a.get("iscrowd", 0)) or bool(a.get("ignore", 0)) for a in anns], bool)
+        # Group the kept annotations by image, in annotation order.
+        by_image: dict[int, list[int]] = collections.defaultdict(list)
+        for i in np.flatnonzero(keep):
+            by_image[image_ids[i]].append(int(i))
+        records = []
+        for iid, im in images.items():
+            idx = np.asarray(by_image.get(iid, []), dtype=np.int64)
+            rec = {
+                "image_id": int(iid),
+                "file_name": im["file_name"],
+                "height": int(im["height"]),
+                "width": int(im["width"]),
+                "boxes": clipped[idx].astype(np.float32).reshape(-1, 4),
+                "labels": labels[idx],
+                "ignore": crowd[idx],
+                "img_path": os.path.join(self.img_prefix, im["file_name"]),
+                "ann_ids": [ann_ids[i] for i in idx.tolist()],
+            }
+            if self.with_masks:
+                rec["masks"] = [anns[i]["segmentation"] for i in idx.tolist()]
+            records.append(rec)
+        return records
+
+    def coco_gt(self):
+        """The annotation json restricted to the kept images, annotations and selected categories (pycocotools
+        ``COCO``), so official areas and crowd regions are what COCOeval sees."""
+        if self._coco_gt is None:
+            from pycocotools.coco import COCO
+
+            data = _load_json(self.ann_file)
+            image_ids = {r["image_id"] for r in self.records}
+            ann_ids = {a for r in self.records for a in r["ann_ids"]}
+            cat_ids = set(self.cat_ids)
+            dataset = dict(data)
+            seen: set = set()
+            dataset["images"] = []
+            for im in data["images"]:
+                if isinstance(im, dict) and im.get("id") in image_ids and im["id"] not in seen:
+                    seen.add(im["id"])
+                    dataset["images"].append(im)
+            dataset["annotations"] = [a for a in data.get("annotations", [])
+                                      if isinstance(a, dict) and a.get("id") in ann_ids]
+            dataset["categories"] = [c for c in data["categories"] if c["id"] in cat_ids]
+            if len(dataset["annotations"]) != len(ann_ids):  # duplicate ids: keep the first occurrence of each
+                firsts: dict = {}
+                for a in dataset["annotations"]:
+                    firsts.setdefault(a["id"], a)
+                dataset["annotations"] = list(firsts.values())
+            coco = COCO()
+            coco.dataset = dataset
+            with contextlib.redirect_stdout(io.StringIO()):
+                coco.createIndex()
+            self._coco_gt = coco
+        return self._coco_gt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pascal VOC
+
+def _xml_text(node, tag: str):
+    child = node.find(tag)
+    return None if child is None or child.text is None else child.text.strip()
+
+
+def _xml_number(node, tag: str) -> float:
+    text = _xml_text(node, tag)
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+@register
+class VOCDataset(DetectionDataset):
+    """Pascal VOC layout: ``root/Annotations/<id>.xml``, ``root/JPEGImages/<id>.jpg``,
+    ``root/ImageSets/Main/<split>.txt``.
+
+    Boxes are the VOC integers as (x1, y1, x2, y2) = (xmin, ymin, xmax, ymax), with no +1/-1 shift. Image ids are
+    1..N in the order of the split files (roots in order); records also carry ``voc_id`` and ``img_path``.
+    Difficult objects are ignored boxes when ``with_difficult_as_ignore`` (VOC evaluation skips them), else
+    ordinary boxes. Category ids are 1..C in ``classes`` order.
+    """
+
+    def __init__(self, roots: Sequence[str], split: str, pipeline: Sequence[dict | Transform] | None = None,
+                 filter_empty_gt: bool = False, num_classes: int | None = None,
+                 classes: Sequence[str] | None = None, on_error: str = "fail", with_difficult_as_ignore: bool = True):
+        _check_on_error(on_error)
+        if isinstance(roots, str):
+            roots = [roots]
+        if not roots:
+            raise ValueError("VOCDataset needs at least one root folder")
+        self.roots, self.split = [str(r) for r in roots], split
+        self.sources = ", ".join(os.path.join(r, "ImageSets", "Main", f"{split}.txt") for r in self.roots)
+        self.filter_empty_gt, self.with_masks, self.on_error = filter_empty_gt, False, on_error
+        self.with_difficult_as_ignore = with_difficult_as_ignore
+        self.classes = tuple(VOC_CLASSES if classes is None else classes)
+        if len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise ValueError(f"{self.sources}: classes must be unique and non-empty, got {list(self.classes)}")
+        _check_num_classes(num_classes, self.classes, self.sources)
+        self.cat_ids = list(range(1, len(self.classes) + 1))
+        self._label = {c: i for i, c in enumerate(self.classes)}
+        self._set_pipeline(pipeline)
+        problems = _Problems(self.sources)
+        records = []
+        for root in self.roots:
+            split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+            try:
+                with open(split_file, encoding="utf-8") as f:
+                    ids = [line.split()[0] for line in f if line.strip()]
+            except OSError as exc:
+                raise ValueError(f"{split_file}: cannot read the split file: {exc}") from None
+            for voc_id in ids:
+                rec = self._read_xml(root, voc_id, len(records) + 1, problems)
+                if rec is not None:
+                    records.append(rec)
+        problems.resolve(on_error)
+        self._coco_gt = None
+        self._finish(records)
+
+    def _read_xml(self, root: str, voc_id: str, image_id: int, problems: _Problems) -> dict | None:
+        xml_path = os.path.join(root, "Annotations", f"{voc_id}.xml")
+        img_path = os.path.join(root, "JPEGImages", f"{voc_id}.jpg")
+        what = f"{xml_path} (image {voc_id})"
+        try:
+            tree = ET.parse(xml_path).getroot()
+        except FileNotFoundError:
+            problems.add("missing_annotation_file", f"{what}: file not found (image dropped)")
+            return None
+        except (ET.ParseError, OSError) as exc:
+            problems.add("bad_annotation_file", f"{what}: cannot parse the xml: {exc} (image dropped)")
+            return None
+        size = tree.find("size")
+        h = _xml_number(size, "height") if size is not None else math.nan
+        w = _xml_number(size, "width") if size is not None else math.nan
+        if not (h > 0 and w > 0 and float(h).is_integer() and float(w).is_integer()):
+            try:  # like MMDetection: fall back to the image itself when <size> is missing or zero
+                h, w = read_image(img_path, image_id).shape[:2]
+            except OSError as exc:
+                problems.add("bad_image", f"{what}: no valid <size> and the image cannot be read: {exc} "
+                             f"(image dropped)")
+                return None
+        h, w = int(h), int(w)
+
+        objects = tree.findall("object")
+        names = [_xml_text(o, "name") for o in objects]
+        boxes = np.array([[_xml_number(o.find("bndbox"), t) if o.find("bndbox") is not None else math.nan
+                           for t in ("xmin", "ymin", "xmax", "ymax")] for o in objects],
+                         dtype=np.float64).reshape(-1, 4)
+        difficult = np.array([_xml_text(o, "difficult") not in (None, "", "0") for o in objects], bool)
+        labels = np.array([self._label.get(nm, -1) for nm in names], dtype=np.int64)
+        keep = np.ones(len(objects), bool)
+
+        def reject(mask: np.ndarray, kind: str, why) -> None:
+            nonlocal keep
+            for i in np.flatnonzero(mask & keep):
+                problems.add(kind, f"{what}, object {i} ({names[i]!r}): {why(i)} (object dropped)")
+            keep &= ~mask
+
+        reject(labels < 0, "unknown_category", lambda i: f"unknown class name {names[i]!r}")
+        malformed = ~np.isfinite(boxes).all(axis=1)
+        reject(malformed, "malformed_box", lambda i: "<bndbox> needs numeric xmin, ymin, xmax, ymax")
+        clipped, outside, nonpos = _check_boxes(boxes, h, w)
+        reject(outside, "box_outside_image", lambda i: f"box {boxes[i].tolist()} extends more than "
+               f"{_CLIP_TOLERANCE:g} px outside the {w}x{h} image")
+        reject(nonpos, "nonpositive_box", lambda i: f"box {boxes[i].tolist()} has non-positive size")
+        ignore = difficult[keep] if self.with_difficult_as_ignore else np.zeros(int(keep.sum()), bool)
+        return {
+            "image_id": image_id,
+            "file_name": os.path.join(os.path.basename(os.path.normpath(root)), "JPEGImages", f"{voc_id}.jpg"),
+            "height": h,
+            "width": w,
+            "boxes": clipped[keep].astype(np.float32).reshape(-1, 4),
+            "labels": labels[keep],
+            "ignore": ignore,
+            "img_path": img_path,
+            "voc_id": voc_id,
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Synthetic shapes
+
+@register
+class SyntheticShapesDataset(DetectionDataset):
+    """Coloured rectangles, ellipses and triangles (raydet.data.synthetic), generated in memory.
+
+    Records carry no file: ``load_image`` regenerates an image deterministically from its ``image_id`` (the
+    generator is seeded with ``[seed, image_id]``), so rows sent through Ray Data stay small. Category ids 1..3.
+    """
+
+    def __init__(self, num_images: int, height: int = 128, width: int = 128, max_objects: int = 3, seed: int = 0,
+                 start_id: int = 1, pipeline: Sequence[dict | Transform] | None = None, filter_empty_gt: bool = False,
+                 with_masks: bool = True, num_classes: int | None = None):
+        from .synthetic import CLASSES, make_shape_sample
+
+        if num_images < 1 or height < 32 or width < 32 or max_objects < 1 or start_id < 0:
+            raise ValueError(f"SyntheticShapesDataset needs num_images >= 1, height/width >= 32, max_objects >= 1 "
+                             f"and start_id >= 0, got {num_images}, {height}x{width}, {max_objects}, {start_id}")
+        self.sources = f"synthetic(seed={seed}, ids {start_id}..{start_id + num_images - 1})"
+        self.filter_empty_gt, self.with_masks = filter_empty_gt, with_masks
+        self.classes = tuple(CLASSES)
+        _check_num_classes(num_classes, self.classes, self.sources)
+        self.cat_ids = list(range(1, len(self.classes) + 1))
+        self._set_pipeline(pipeline)
+        self._loader = SyntheticImageLoader(height, width, max_objects, seed)
+        records = []
+        for image_id in range(start_id, start_id + num_images):
+            rec = make_shape_sample(image_id, height, width, max_objects, seed=seed)[1]
+            if not with_masks:
+                rec.pop("masks")
+            records.append(rec)
+        self._coco_gt = None
+        self._finish(records)
+
+    def image_loader(self):
+        return self._loader
