@@ -163,6 +163,7 @@ def build_torchvision(model: str, args: argparse.Namespace) -> nn.Module:
                 param.requires_grad_(False)
     return net
 
+
 _DEAD_LOGIT = -1e4  # bias of torchvision's extra COCO-91 classes: probability exactly 0, so never a candidate
 
 _RENAMES = [  # (raydet key pattern, torchvision replacement), first match wins
@@ -334,15 +335,21 @@ def run_pair(steps: dict[str, Callable[[], object]], args: argparse.Namespace, d
     return results
 
 
-def profile_step(label: str, step: Callable[[], object], rows: int) -> None:
+def profile_step(label: str, step: Callable[[], object], device: torch.device, rows: int) -> None:
+    """Print the operators of one run of ``step`` by self time (device time on CUDA)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities, record_shapes=False) as prof:
+    on_gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
         step()
-    sort = "self_cuda_time_total" if ProfilerActivity.CUDA in activities else "self_cpu_time_total"
+        synchronize(device)
+    events = prof.key_averages()
+    sort = "self_cpu_time_total"
+    if on_gpu:  # renamed in torch 2.4
+        sort = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
     print(f"\n=== profile: {label} ===")
-    print(prof.key_averages().table(sort_by=sort, row_limit=rows))
+    print(events.table(sort_by=sort, row_limit=rows))
 
 
 # ------------------------------------------------------------------------------------------------ benchmarks
@@ -399,7 +406,7 @@ def bench_inference(model: str, nets: dict[str, nn.Module], args, device, rng) -
     row["cpu_time_ratio"] = row["torchvision"]["median_cpu_s"] / row["raydet"]["median_cpu_s"]
     if args.profile:
         for impl, step in steps.items():
-            profile_step(f"{model} inference {impl}", step, args.profile_rows)
+            profile_step(f"{model} inference {impl}", step, device, args.profile_rows)
     return row
 
 
@@ -437,7 +444,7 @@ def bench_train(model: str, nets: dict[str, nn.Module], args, device, rng) -> di
     row["cpu_time_ratio"] = row["torchvision"]["median_cpu_s"] / row["raydet"]["median_cpu_s"]
     if args.profile:
         for impl, step in steps.items():
-            profile_step(f"{model} train {impl}", step, args.profile_rows)
+            profile_step(f"{model} train {impl}", step, device, args.profile_rows)
     for net in nets.values():
         net.eval()
     return row

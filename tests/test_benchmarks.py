@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/detectors_vs_torchvision.py: one tiny run of both models in both modes."""
+"""benchmarks/detectors_vs_torchvision.py: a tiny run of both models in both modes, and its weight transfer."""
 from __future__ import annotations
 
 import importlib.util
@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "detectors_vs_torchvision.py"
@@ -59,3 +60,22 @@ def test_benchmark_main_writes_the_comparison_json(tmp_path):
     # the second stage of both Faster R-CNNs sees its proposals (at most 1000 at test time)
     frcnn = rows[("faster_rcnn", "inference")]
     assert 0 < frcnn["raydet"]["rois"] <= 1000 and 0 < frcnn["torchvision"]["rois"] <= 1000
+
+
+def test_copied_weights_make_torchvision_retinanet_reproduce_raydet():
+    """With raydet's weights loaded (classes moved to torchvision's COCO-91 ids), torchvision's independent
+    RetinaNet must return raydet's detections: same scores, labels shifted by one, same boxes up to its rounded
+    anchors (torchvision rounds anchor corners to whole pixels)."""
+    bench = _load_script()
+    args = bench.parse_args(["--size", "64", "64", "--score-thr", "0"])
+    torch.manual_seed(0)
+    ours, theirs = bench.build_raydet("retinanet", args).eval(), bench.build_torchvision("retinanet", args).eval()
+    bench.copy_raydet_weights(ours, theirs, bench.torchvision_label_offset("retinanet", args))
+    samples, images = bench.make_inputs(1, args, np.random.default_rng(0))
+    with torch.no_grad():
+        (a,) = ours(bench.raydet_batch(samples, torch.device("cpu")), mode="predict")
+        (b,) = theirs(images)
+    assert len(a["scores"]) == len(b["scores"]) == 100
+    torch.testing.assert_close(a["scores"], b["scores"], rtol=1e-4, atol=1e-6)
+    assert torch.equal(a["labels"] + 1, b["labels"])
+    assert (a["boxes"] - b["boxes"]).abs().max() < 1.0

@@ -58,32 +58,41 @@ def test_two_worker_training_loss_falls_and_evaluates(ray_session, tmp_path):
     assert result.checkpoint is not None and (Path(result.checkpoint.path) / "checkpoint.pt").is_file()
 
 
-def test_resume_continues_from_the_last_checkpoint(ray_session, tmp_path):
+@pytest.fixture(scope="module")
+def one_epoch_run(ray_session, tmp_path_factory):
+    """One epoch of the small quickstart under a stable run name: (work_dir, result)."""
+    from raydet.train import fit
+
+    work_dir = tmp_path_factory.mktemp("resumable")
+    result = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=1"]), work_dir=str(work_dir), name="resumable")
+    return work_dir, result
+
+
+def test_resume_continues_from_the_last_checkpoint(one_epoch_run):
     from raydet.engine.checkpoint import load_checkpoint
     from raydet.train import fit
 
-    first = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=1"]), work_dir=str(tmp_path), name="resumable")
+    work_dir, first = one_epoch_run
     assert first.return_value["epoch"] == 1 and first.return_value["iter"] == 8
     state = load_checkpoint(first.checkpoint.path)
     assert state["epoch"] == 1 and state["iter"] == 8
 
-    second = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=2"]), work_dir=str(tmp_path), name="resumable")
+    second = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=2"]), work_dir=str(work_dir), name="resumable")
     # started at epoch 1 from the checkpoint: one more epoch of 8 iterations, not two
     assert second.return_value["epoch"] == 2 and second.return_value["iter"] == 16
-    iters = [r["iter"] for r in _log_records(tmp_path, "train")]
+    iters = [r["iter"] for r in _log_records(work_dir, "train")]
     assert iters == list(range(1, 17))
     resumed = load_checkpoint(second.checkpoint.path)
     assert not torch.equal(resumed["model"]["roi_head.bbox_head.fc_cls.weight"],
                            state["model"]["roi_head.bbox_head.fc_cls.weight"])
 
 
-def test_test_command_evaluates_a_checkpoint_and_writes_results(ray_session, tmp_path):
+def test_test_command_evaluates_a_checkpoint_and_writes_results(one_epoch_run, tmp_path):
     from raydet.test import evaluate
-    from raydet.train import fit
 
-    result = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=1"]), work_dir=str(tmp_path / "train"))
+    _, trained = one_epoch_run
     cfg = load_config(QUICKSTART, SMALL + ["scaling.num_workers=2"])
-    metrics = evaluate(cfg, result.checkpoint.path, split="test", out_dir=str(tmp_path / "test"))
+    metrics = evaluate(cfg, trained.checkpoint.path, split="test", out_dir=str(tmp_path / "test"))
     assert set(metrics) >= {"bbox/AP", "bbox/AP50", "bbox/AP75"}
     written = json.loads((tmp_path / "test" / "metrics.json").read_text())
     assert written == pytest.approx(metrics)

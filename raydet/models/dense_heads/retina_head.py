@@ -10,7 +10,7 @@ from raydet.models.dense_heads.anchor_head import AnchorHead
 from raydet.models.head_configs import DetectionConfig
 from raydet.models.norm import build_norm_layer
 from raydet.models.postprocess import boxes_to_original
-from raydet.ops import multiclass_nms
+from raydet.ops import batched_nms
 from raydet.registry import register
 
 __all__ = ["RetinaHead"]
@@ -64,16 +64,22 @@ class RetinaHead(AnchorHead):
         cfg = self.test
         results = []
         for i, meta in enumerate(img_metas):
-            boxes_l, scores_l = [], []
+            boxes_l, scores_l, labels_l = [], [], []
             for cls, reg, anchors in zip(cls_scores, bbox_preds, anchors_per_level):
-                scores = cls[i].permute(1, 2, 0).reshape(-1, self.num_classes).sigmoid()
-                deltas = reg[i].permute(1, 2, 0).reshape(-1, 4)
-                if 0 < cfg.nms_pre < scores.shape[0]:
-                    _, idx = scores.max(dim=1).values.topk(cfg.nms_pre)
-                    scores, deltas, anchors = scores[idx], deltas[idx], anchors[idx]
-                boxes_l.append(self.bbox_coder.decode(anchors, deltas, max_shape=meta["img_shape"][:2]))
+                # threshold, then the top nms_pre (anchor, class) pairs of this level (torchvision / MMDetection 3.x)
+                scores = cls[i].permute(1, 2, 0).reshape(-1).sigmoid()
+                keep = torch.nonzero(scores > cfg.score_thr, as_tuple=True)[0]
+                scores = scores[keep]
+                if 0 < cfg.nms_pre < scores.numel():
+                    scores, top = scores.topk(cfg.nms_pre)
+                    keep = keep[top]
+                anchor_idx = keep // self.num_classes
+                deltas = reg[i].permute(1, 2, 0).reshape(-1, 4)[anchor_idx]
+                boxes_l.append(self.bbox_coder.decode(anchors[anchor_idx], deltas, max_shape=meta["img_shape"][:2]))
                 scores_l.append(scores)
-            boxes, scores, labels = multiclass_nms(torch.cat(boxes_l), torch.cat(scores_l), cfg.score_thr,
-                                                   cfg.nms_iou, cfg.max_per_img)
+                labels_l.append(keep % self.num_classes)
+            boxes, scores, labels = torch.cat(boxes_l), torch.cat(scores_l), torch.cat(labels_l)
+            keep = batched_nms(boxes, scores, labels, cfg.nms_iou)[: cfg.max_per_img]
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
             results.append({"boxes": boxes_to_original(boxes, meta), "scores": scores, "labels": labels})
         return results

@@ -66,10 +66,11 @@ class SingleRoIExtractor(nn.Module):
         if len(feats) == 1:
             return self.pool(feats[0], rois, self.featmap_strides[0])
         levels = map_roi_levels(rois, len(feats), self.finest_scale)
+        unused = None
         for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
             idx = torch.nonzero(levels == level, as_tuple=True)[0]
             if idx.numel():
                 out[idx] = self.pool(feat, rois[idx], stride).to(out.dtype)
-            else:  # keep every level in the graph so DDP sees a gradient for it
-                out = out + feat.sum() * 0.0
-        return out
+            elif torch.is_grad_enabled():  # keep every level in the graph so DDP sees a gradient for it
+                unused = feat.sum() * 0.0 if unused is None else unused + feat.sum() * 0.0
+        return out if unused is None else out + unused
