@@ -18,7 +18,8 @@ from raydet.engine.hooks import EvalHook
 from raydet.engine.runner import Runner
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
-from raydet.train import _setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders
+from raydet.train import (_setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders,
+                          worker_setup)
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
@@ -39,17 +40,11 @@ def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, ou
 
 def eval_loop_per_worker(config: dict) -> dict:
     import ray
-    import ray.train
-    import ray.train.torch
 
-    _setup_logging()
-    cfg = Config(config["pipeline"], config["path"], config["origins"])
-    sections = parse_sections(cfg)
+    cfg, sections, rank, world, device = worker_setup(config)
     dataset = ray.get(config["dataset"][0])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     _, val_loader = ray_loaders({"val": dataset}, sections, rank, world, iters_per_epoch=0)
-    runner = build_evaluation_runner(cfg, dataset, config["checkpoint"], device=ray.train.torch.get_device(),
+    runner = build_evaluation_runner(cfg, dataset, config["checkpoint"], device=device,
                                      out_dir=config["out_dir"] if rank == 0 else None, val_loader=val_loader)
     runner.val()
     if rank == 0 and config["out_dir"]:

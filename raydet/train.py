@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import importlib
 import logging
 import math
@@ -139,8 +138,6 @@ def parse_sections(cfg: Config) -> Sections:
 
 def build_datasets(cfg: Config, sections: Sections, splits=("train", "val")) -> dict:
     """Build (read and validate) the datasets of the given splits."""
-    import raydet.data  # noqa: F401  (registers the dataset types)
-
     out = {}
     for split in splits:
         spec = getattr(sections.data, split)
@@ -283,6 +280,17 @@ def ray_loaders(datasets: dict, sections: Sections, rank: int, world_size: int, 
     return train_loader, val_loader
 
 
+def worker_setup(config: dict):
+    """Inside a Ray Train worker: (pipeline Config, its Sections, rank, world size, device)."""
+    import ray.train
+    import ray.train.torch
+
+    _setup_logging()
+    cfg = Config(config["pipeline"], config["path"], config["origins"])
+    ctx = ray.train.get_context()
+    return cfg, parse_sections(cfg), ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
+
+
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker entry point: config carries the resolved pipeline and an object ref to the datasets."""
     import tempfile
@@ -291,13 +299,8 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train
     import ray.train.torch
 
-    _setup_logging()
-    cfg = Config(config["pipeline"], config["path"], config["origins"])
-    sections = parse_sections(cfg)
+    cfg, sections, rank, world, device = worker_setup(config)
     datasets = ray.get(config["datasets"][0])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
 
     def report(metrics: dict, state: dict | None):
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -441,6 +444,4 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     # Run the imported module's main, not __main__'s: Ray pickles the worker function by reference to
     # raydet.train (a function defined in __main__ would be pickled by value, with everything it touches).
-    import importlib
-
     sys.exit(importlib.import_module("raydet.train").main())

@@ -8,23 +8,12 @@ from torch import nn
 
 from raydet.models.dense_heads.anchor_head import AnchorHead
 from raydet.models.head_configs import DetectionConfig
-from raydet.models.norm import build_norm_layer
+from raydet.models.layers import conv_tower
 from raydet.models.postprocess import boxes_to_original
 from raydet.ops import batched_nms
 from raydet.registry import register
 
 __all__ = ["RetinaHead"]
-
-
-def conv_tower(in_channels: int, channels: int, num_convs: int, norm_cfg: dict | None) -> nn.Sequential:
-    """``num_convs`` x (3x3 conv [+ norm] + ReLU)."""
-    layers = []
-    for i in range(num_convs):
-        layers.append(nn.Conv2d(in_channels if i == 0 else channels, channels, 3, padding=1, bias=norm_cfg is None))
-        if norm_cfg is not None:
-            layers.append(build_norm_layer(norm_cfg, channels))
-        layers.append(nn.ReLU(inplace=True))
-    return nn.Sequential(*layers)
 
 
 @register

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydet.models.head_configs import DetectionConfig
-from raydet.models.norm import build_norm_layer
+from raydet.models.layers import conv_tower
 from raydet.ops import multiclass_nms
 from raydet.registry import register
 
@@ -33,14 +33,8 @@ class ConvFCBBoxHead(nn.Module):
         self.reg_class_agnostic = reg_class_agnostic
         self.reg_decoded_bbox = bool(getattr(loss_bbox, "takes_decoded_boxes", False))
 
-        convs, channels = [], in_channels
-        for _ in range(num_shared_convs):
-            convs.append(nn.Conv2d(channels, conv_out_channels, 3, padding=1, bias=norm_cfg is None))
-            if norm_cfg is not None:
-                convs.append(build_norm_layer(norm_cfg, conv_out_channels))
-            convs.append(nn.ReLU(inplace=True))
-            channels = conv_out_channels
-        self.shared_convs = nn.Sequential(*convs)
+        self.shared_convs = conv_tower(in_channels, conv_out_channels, num_shared_convs, norm_cfg)
+        channels = conv_out_channels if num_shared_convs else in_channels
         fcs, features = [], channels * roi_feat_size * roi_feat_size
         for _ in range(num_shared_fcs):
             fcs += [nn.Linear(features, fc_out_channels), nn.ReLU(inplace=True)]

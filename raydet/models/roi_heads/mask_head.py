@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raydet.models.norm import build_norm_layer
+from raydet.models.layers import conv_tower
 from raydet.ops import roi_align
 from raydet.registry import register
 
@@ -46,14 +46,8 @@ class FCNMaskHead(nn.Module):
         self.loss_mask = loss_mask
         self.class_agnostic = class_agnostic
         self.mask_size = roi_feat_size * upsample_ratio
-        layers, channels = [], in_channels
-        for _ in range(num_convs):
-            layers.append(nn.Conv2d(channels, conv_out_channels, 3, padding=1, bias=norm_cfg is None))
-            if norm_cfg is not None:
-                layers.append(build_norm_layer(norm_cfg, conv_out_channels))
-            layers.append(nn.ReLU(inplace=True))
-            channels = conv_out_channels
-        self.convs = nn.Sequential(*layers)
+        self.convs = conv_tower(in_channels, conv_out_channels, num_convs, norm_cfg)
+        channels = conv_out_channels if num_convs else in_channels
         self.upsample = nn.ConvTranspose2d(channels, conv_out_channels, upsample_ratio, stride=upsample_ratio)
         self.conv_logits = nn.Conv2d(conv_out_channels, 1 if class_agnostic else num_classes, 1)
         for m in [*self.convs, self.upsample, self.conv_logits]:
