@@ -58,12 +58,13 @@ def _forwarding(name: str, help_text: str):
     return add
 
 
-FORWARDED = ("train", "test")
+FORWARDED = ("train", "test", "tune")
 
 COMMANDS = (
     _add_config,
     _forwarding("train", "train a pipeline on Ray Train (python -m raydet.train)"),
     _forwarding("test", "evaluate a checkpoint (python -m raydet.test)"),
+    _forwarding("tune", "run a hyperparameter study on Ray Tune (python -m raydet.tune)"),
 )
 
 

@@ -190,3 +190,18 @@ def test_resume_reaches_the_same_state_as_an_uninterrupted_run(tmp_path):
     # the optimizer moved the weights (a resume that skipped training would not match the straight run anyway)
     assert not torch.equal(first.module.state_dict()["roi_head.bbox_head.fc_cls.weight"],
                            straight.module.state_dict()["roi_head.bbox_head.fc_cls.weight"])
+
+
+def test_each_epoch_report_carries_that_epochs_mean_losses():
+    from raydet.engine.hooks import CheckpointHook, LoggerHook
+
+    reports = []
+    batches = [{"scale": torch.tensor(1.0), "img_metas": [{}]} for _ in range(2)]
+    model = ToyDetector()
+    runner = Runner(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=lambda e: batches,
+                    val_loader=None, max_epochs=2, report=lambda m, state: reports.append(m),
+                    hooks=[OptimizerHook(), CheckpointHook(), LoggerHook(interval=100, tensorboard=False)])
+    runner.run()
+    # w: 0 -> 0.2 -> 0.36 -> 0.488; loss (w - 1)^2 before each step: 1, 0.64 | 0.4096, 0.262144
+    assert reports[0]["train/loss_toy"] == pytest.approx((1 + 0.64) / 2)
+    assert reports[1]["train/loss_toy"] == pytest.approx((0.4096 + 0.262144) / 2)

@@ -155,7 +155,7 @@ def test_ray_job_submit_runs_the_training_command(tmp_path):
         cmd = [ray_cli, "job", "submit", f"--address={address}", "--working-dir", str(ROOT), "--",
                "python", "-m", "raydet.train", "pipelines/quickstart.yaml", "--work-dir", str(tmp_path / "work"),
                "--set", *overrides]
-        for _attempt in range(10):  # the head answers `job list` before its job agent is ready
+        for _attempt in range(40):  # the head answers `job list` before its job agent is ready (slow under load)
             job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
             output = job.stdout + job.stderr
             if "No available agent to submit job" not in output:

@@ -249,6 +249,8 @@ class LoggerHook(Hook):
                 self.epoch_sums[k] += value
         self.epoch_sums["loss"] += float(runner.loss.detach())
         self.epoch_count += 1
+        # kept current every iteration: hooks that run before this one at after_train_epoch (checkpoint reports) see it
+        runner.epoch_log = {f"train/{k}": v / self.epoch_count for k, v in self.epoch_sums.items()}
         self.window["time"].append(time.perf_counter() - self.t_iter + runner.data_time)
         self.window["data_time"].append(runner.data_time)
         if (runner.iter + 1) % self.interval == 0:
@@ -267,9 +269,6 @@ class LoggerHook(Hook):
             remaining = runner.max_epochs * runner.iters_per_epoch - (runner.iter + 1)
             record["eta_s"] = (time.perf_counter() - self.t_start) / max(done, 1) * max(remaining, 0)
         self.write(runner, record)
-
-    def after_train_epoch(self, runner):
-        runner.epoch_log = {f"train/{k}": v / max(self.epoch_count, 1) for k, v in self.epoch_sums.items()}
 
     def after_val_epoch(self, runner):
         if runner.metrics:
