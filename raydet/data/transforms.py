@@ -23,6 +23,8 @@ through Ray's object store as uint8 (4x fewer bytes than float32).
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import dataclasses
 from collections.abc import Sequence
 
@@ -52,11 +54,12 @@ class CollateConfig:
     to_rgb: bool = True
 
 
-class Transform:
+class Transform(ABC):
     """Base class of per-image transforms: ``__call__(sample, rng) -> new sample``."""
 
+    @abstractmethod
     def __call__(self, sample: dict, rng: np.random.Generator) -> dict:
-        raise NotImplementedError
+        """Return the transformed sample (a new dict; the input is not modified)."""
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
