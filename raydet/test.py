@@ -19,7 +19,7 @@ from raydet.engine.runner import Runner
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
 from raydet.train import (_setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders,
-                          worker_setup)
+                          scaling_config, worker_setup)
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
@@ -56,7 +56,7 @@ def eval_loop_per_worker(config: dict) -> dict:
 def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str | None = None) -> dict:
     """Evaluate ``checkpoint`` on the pipeline's ``data.<split>`` with the pipeline's scaling; returns the metrics."""
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     sections = parse_sections(cfg)
@@ -68,16 +68,12 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
         os.makedirs(out_dir, exist_ok=True)
     init_ray()
     check_cpu_budget(sections)
-    sc = sections.scaling
-    resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                            "dataset": [ray.put(dataset)], "checkpoint": os.path.abspath(str(checkpoint)),
                            "out_dir": os.path.abspath(out_dir) if out_dir else None},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(sections),
         run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
                              storage_path=os.path.abspath(os.path.join(out_dir or "work_dirs", "ray"))))
     result = trainer.fit()

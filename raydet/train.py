@@ -369,6 +369,17 @@ def check_cpu_budget(sections: Sections) -> None:
         raise ConfigError(message)
 
 
+def scaling_config(sections: Sections):
+    """Ray Train's ScalingConfig from the pipeline's ``scaling:`` section."""
+    from ray.train import ScalingConfig
+
+    sc = sections.scaling
+    resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
+    if sc.use_gpu:
+        resources["GPU"] = sc.gpus_per_worker
+    return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
+
+
 def run_name(pipeline: Path, resume: bool) -> str:
     """Resumable runs need a stable name (Ray finds the snapshot by it); fresh runs get a unique one."""
     return pipeline.stem if resume else f"{pipeline.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
@@ -382,7 +393,7 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     """
     import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     sections = parse_sections(cfg)
@@ -390,21 +401,17 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     datasets = build_datasets(cfg, sections)
     init_ray()
     check_cpu_budget(sections)
-    sc = sections.scaling
-    resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
     ck = sections.checkpoint
     run_config = RunConfig(
         name=name or run_name(Path(cfg.path), resume), storage_path=os.path.abspath(os.path.join(work_dir, "ray")),
-        failure_config=FailureConfig(max_failures=sc.max_failures), callbacks=list(callbacks),
+        failure_config=FailureConfig(max_failures=sections.scaling.max_failures), callbacks=list(callbacks),
         checkpoint_config=CheckpointConfig(num_to_keep=ck.num_to_keep, checkpoint_score_attribute=ck.score_attribute,
                                            checkpoint_score_order=ck.score_order))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                            "datasets": [ray.put(datasets)], "work_dir": os.path.abspath(work_dir)},
-        scaling_config=ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(sections),
         run_config=run_config)
     result = trainer.fit()
     return result
