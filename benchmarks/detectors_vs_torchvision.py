@@ -28,13 +28,14 @@ import platform
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from raydet.benchmark import device_name, synchronize, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
@@ -291,21 +292,7 @@ def torchvision_targets(samples, offset: int, device: torch.device) -> list[dict
 
 # ------------------------------------------------------------------------------------------------ timing
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object, float]:
-    """Wall-clock seconds of ``fn()``, its output, and the CPU seconds this process used meanwhile (all threads;
-    less sensitive than wall time to other processes competing for the cores)."""
-    synchronize(device)
-    cpu, start = time.process_time(), time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return time.perf_counter() - start, out, time.process_time() - cpu
-
-
+# synchronize(device); timed(fn, device) -> (wall seconds, output, process CPU seconds): shared with raydet.benchmark
 def run_pair(steps: dict[str, Callable[[], object]], args: argparse.Namespace, device: torch.device) -> dict:
     """Warm up each implementation, then time them alternately ``--repeats`` times.
 
@@ -455,21 +442,10 @@ def bench_train(model: str, nets: dict[str, nn.Module], args, device, rng) -> di
 def metadata(args: argparse.Namespace, device: torch.device) -> dict:
     import torchvision
 
-    if device.type == "cuda":
-        device_name = torch.cuda.get_device_name(device)
-    else:
-        device_name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    device_name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
     h, w = args.size
     return {
         "torch": torch.__version__, "torchvision": torchvision.__version__, "python": platform.python_version(),
-        "device": str(device), "device_name": device_name, "threads": torch.get_num_threads(),
+        "device": str(device), "device_name": device_name(device), "threads": torch.get_num_threads(),
         "input_size_hw": [h, w], "train_batch": args.batch, "gt_per_image": args.gt_per_image,
         "warmup": args.warmup, "repeats": args.repeats, "statistic": "median", "score_thr": args.score_thr,
         "backbone": args.backbone, "weights": "independent" if args.independent_weights else "raydet's, copied",

@@ -1,6 +1,8 @@
 """The ``raydet`` command line.
 
     raydet config PIPELINE [--set KEY=VALUE ...]    print the fully merged, resolved pipeline
+    raydet curves LOG [--out PNG]                    draw a run's loss / lr / metric curves
+    raydet train | test | tune | infer | benchmark   python -m raydet.<command> (each has its own --help)
 
 Each subcommand is one ``_add_<name>`` function in :data:`COMMANDS`: it adds its parser and sets ``run``, a
 function of the parsed arguments (for the heavy subcommands, ``raydet.<name>.main`` imported on use).
@@ -9,6 +11,7 @@ A :class:`~raydet.registry.ConfigError` prints ``error: <message>`` and exits wi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -48,6 +51,29 @@ def _add_config(subparsers) -> None:
     parser.set_defaults(run=_run_config)
 
 
+def _run_curves(args: argparse.Namespace) -> None:
+    from .engine.curves import plot_curves
+
+    try:
+        series = plot_curves(args.log, args.out)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    if series is None:
+        raise ConfigError(f"{args.log}: no training or evaluation record to plot")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.log)), "curves.png")
+    print(f"{out}: " + "; ".join(f"{panel}: {', '.join(lines)}" for panel, lines in series.items()))
+
+
+def _add_curves(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "curves", help="draw a run's loss / lr / metric curves as PNG",
+        description="Draw the loss terms and learning rate against the iteration, and the evaluation metrics "
+                    "against the epoch, from a run's log.jsonl into one PNG.")
+    parser.add_argument("log", metavar="LOG", help="a run's log.jsonl")
+    parser.add_argument("--out", default=None, help="PNG file (default: curves.png beside the log)")
+    parser.set_defaults(run=_run_curves)
+
+
 def _forwarding(name: str, help_text: str):
     """A subcommand whose arguments go to ``raydet.<name>.main`` (which has its own --help)."""
 
@@ -58,13 +84,17 @@ def _forwarding(name: str, help_text: str):
     return add
 
 
-FORWARDED = ("train", "test", "tune")
+FORWARDED = ("train", "test", "tune", "infer", "benchmark")
 
 COMMANDS = (
     _add_config,
     _forwarding("train", "train a pipeline on Ray Train (python -m raydet.train)"),
     _forwarding("test", "evaluate a checkpoint (python -m raydet.test)"),
     _forwarding("tune", "run a hyperparameter study on Ray Tune (python -m raydet.tune)"),
+    _forwarding("infer", "detect objects in a folder, glob, list or COCO json of images (python -m raydet.infer)"),
+    _forwarding("benchmark", "measure training / inference speed, memory and data throughput "
+                             "(python -m raydet.benchmark)"),
+    _add_curves,
 )
 
 

@@ -14,18 +14,21 @@ from pathlib import Path
 
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint, load_model_weights
-from raydet.engine.hooks import EvalHook
+from raydet.engine.hooks import EvalHook, ProgressBarHook
 from raydet.engine.runner import Runner
+from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
 from raydet.train import (_setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders,
-                          scaling_config, worker_setup)
+                          scaling_config, torch_config, worker_setup)
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
 
-def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, out_dir: str | None, val_loader):
-    """A Runner that only evaluates: the pipeline's model with the checkpoint's weights and an EvalHook."""
+def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, out_dir: str | None, val_loader,
+                            rank: int = 0, world_size: int = 1):
+    """A Runner that only evaluates: the pipeline's model with the checkpoint's weights and an EvalHook (plus a
+    progress bar over this worker's images, ``runtime.progress``)."""
     sections = parse_sections(cfg)
     model = cfg.build("model")
     state = load_checkpoint(checkpoint, map_location="cpu")
@@ -34,8 +37,9 @@ def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, ou
     results_file = os.path.join(out_dir, "results.json") if out_dir else None
     evaluator = DatasetEvaluator(dataset, sections.evaluation.metric, sections.evaluation.proposal_nums,
                                  results_file=results_file)
-    return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0,
-                  hooks=[EvalHook(evaluator)], device=device, amp=sections.train.amp)
+    hooks = [EvalHook(evaluator)] + ([ProgressBarHook()] if sections.runtime.progress else [])
+    return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0, hooks=hooks,
+                  device=device, amp=sections.train.amp, val_images=len(dataset.records[rank::world_size]))
 
 
 def eval_loop_per_worker(config: dict) -> dict:
@@ -45,7 +49,8 @@ def eval_loop_per_worker(config: dict) -> dict:
     dataset = ray.get(config["dataset"][0])
     _, val_loader = ray_loaders({"val": dataset}, sections, rank, world, iters_per_epoch=0)
     runner = build_evaluation_runner(cfg, dataset, config["checkpoint"], device=device,
-                                     out_dir=config["out_dir"] if rank == 0 else None, val_loader=val_loader)
+                                     out_dir=config["out_dir"] if rank == 0 else None, val_loader=val_loader,
+                                     rank=rank, world_size=world)
     runner.val()
     if rank == 0 and config["out_dir"]:
         with open(os.path.join(config["out_dir"], "metrics.json"), "w") as f:
@@ -60,7 +65,8 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     from ray.train.torch import TorchTrainer
 
     sections = parse_sections(cfg)
-    load_checkpoint(checkpoint)  # a missing or unreadable checkpoint fails here, before any worker starts
+    # a missing or unreadable checkpoint, or one of another model, fails here, before any worker starts
+    load_model_weights(cfg.build("model"), load_checkpoint(checkpoint)["model"], str(checkpoint))
     if getattr(sections.data, split) is None:
         raise ConfigError(f"{cfg.path}: data.{split}: the pipeline has no {split} dataset")
     dataset = build_datasets(cfg, sections, splits=(split,))[split]
@@ -73,7 +79,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                            "dataset": [ray.put(dataset)], "checkpoint": os.path.abspath(str(checkpoint)),
                            "out_dir": os.path.abspath(out_dir) if out_dir else None},
-        scaling_config=scaling_config(sections),
+        scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
                              storage_path=os.path.abspath(os.path.join(out_dir or "work_dirs", "ray"))))
     result = trainer.fit()
@@ -112,6 +118,12 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the run failed inside Ray: show our own error (e.g. an image), not Ray's
+        cause = find_user_error(exc)
+        if cause is None:
+            raise
+        print(f"error: evaluation failed: {cause}", file=sys.stderr)
+        return 1
     print(format_metrics(metrics))
     print(f"results and metrics written to {out}")
     return 0

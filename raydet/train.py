@@ -26,9 +26,11 @@ import raydet.data  # noqa: F401  (registers the dataset and transform types)
 import raydet.models  # noqa: F401  (registers the model components)
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint
-from raydet.engine.hooks import CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook
+from raydet.engine.hooks import (CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook,
+                                 ProgressBarHook)
 from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
 from raydet.engine.runner import Runner
+from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError, build, build_context, build_dataclass
 
@@ -92,6 +94,7 @@ class RuntimeSettings:
 
     log_interval: int = 50
     tensorboard: bool = True
+    progress: bool = True                # progress bars with ETA (training, evaluation) on rank 0
     imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
 
 
@@ -131,6 +134,11 @@ def parse_sections(cfg: Config) -> Sections:
             scaling=typed(ScalingSettings, "scaling"), checkpoint=typed(CheckpointSettings, "checkpoint"),
             runtime=typed(RuntimeSettings, "runtime"), data=typed(DataSettings, "data"),
             seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
+        for key, value, allowed in (("train.amp", sections.train.amp, (None, "fp16", "bf16")),
+                                    ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip"))):
+            if value not in allowed:
+                raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
+                                  f"{', '.join(map(str, allowed))}, got {value!r}")
     for module in sections.runtime.imports:
         importlib.import_module(module)
     return sections
@@ -182,9 +190,12 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
     torch.manual_seed(sections.seed)  # identical initial weights on every rank
     model = cfg.build("model")
     if sections.train.sync_bn and world_size > 1:
-        from raydet.models.norm import convert_sync_batchnorm
+        if torch.device(device).type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
+            log.warning("train.sync_bn: SyncBatchNorm needs GPUs; the CPU workers keep per-worker BatchNorm")
+        else:
+            from raydet.models.norm import convert_sync_batchnorm
 
-        model = convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model)
     model = wrap_model(model) if wrap_model is not None else model.to(device)
     torch.manual_seed(sections.seed + rank)  # different sampling on every rank
 
@@ -197,9 +208,11 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
 
     hooks = [LrSchedulerHook(lr, schedule),
              OptimizerHook(opt_cfg.grad_clip, fp16_scaler=sections.train.amp == "fp16",
-                           nonfinite=sections.train.nonfinite_loss),
+                           nonfinite=sections.train.nonfinite_loss, device=torch.device(device).type),
              CheckpointHook(sections.checkpoint.interval),
              LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
+    if sections.runtime.progress:
+        hooks.append(ProgressBarHook())
     if "val" in datasets:
         evaluator = DatasetEvaluator(datasets["val"], sections.evaluation.metric, sections.evaluation.proposal_nums)
         hooks.append(EvalHook(evaluator, sections.evaluation.interval))
@@ -215,9 +228,10 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
         iters = min(iters, sections.train.max_iters_per_epoch)
     meta = {"pipeline": cfg.to_yaml(), "classes": list(datasets["train"].classes),
             "cat_ids": list(datasets["train"].cat_ids)}
+    val_images = len(datasets["val"].records[rank::world_size]) if "val" in datasets else None
     return Runner(model, optimizer, train_loader=train_loader, val_loader=val_loader,
                   max_epochs=sections.train.max_epochs, hooks=hooks, device=device, amp=sections.train.amp,
-                  report=report, work_dir=work_dir, iters_per_epoch=iters, meta=meta)
+                  report=report, work_dir=work_dir, iters_per_epoch=iters, meta=meta, val_images=val_images)
 
 
 def take(iterable, n: int):
@@ -246,6 +260,7 @@ def ray_stream(sections: Sections):
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the LoggerHook reports progress; bars only add blank lines to worker logs
     context.print_on_execution_start = False
+    context.raise_original_map_exception = True  # a bad image reaches the command as our error, not UserCodeException
     sc, batch_size = sections.scaling, sections.data.images_per_worker
     actors = tuple(sc.data_actors) if len(sc.data_actors) > 1 else sc.data_actors[0]
 
@@ -343,7 +358,8 @@ def init_ray():
 
 
 def check_cpu_budget(sections: Sections) -> None:
-    """Fail clearly, instead of waiting forever, when the training workers leave no CPU for the decode actors.
+    """Fail clearly, instead of waiting forever, when no node has a custom resource the pipeline places workers or
+    actors with, or when the training workers leave no CPU for the decode actors.
 
     Ray Train workers hold their CPUs for the whole run; each worker's Ray Data stream needs at least
     ``data_actors[0]`` actors of ``data_cpus_per_actor`` CPUs on top. On a cluster we connected to (RAY_ADDRESS,
@@ -352,11 +368,25 @@ def check_cpu_budget(sections: Sections) -> None:
     import ray
 
     sc = sections.scaling
+    total_resources = ray.cluster_resources()
+    for key, wanted in (("scaling.resources_per_worker", sc.resources_per_worker),
+                        ("scaling.data_resources", sc.data_resources)):
+        missing = sorted(set(wanted or {}) - set(total_resources))
+        if missing:
+            custom = sorted(k for k in total_resources if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                            and not k.startswith("node:"))
+            message = (f"{key}: no node of the cluster has the resource(s) {missing} (custom resources here: "
+                       f"{custom or 'none'}); the Ray Train workers or decode actors would wait forever. Declare "
+                       f"them on the node types (see clusters/) or remove them from the pipeline.")
+            if os.environ.get("RAY_ADDRESS"):  # a cluster we joined may autoscale such nodes in
+                log.warning(message)
+            else:
+                raise ConfigError(message)
     if sc.data_resources:  # actors go to other (CPU-only) nodes
         return
     workers = sc.num_workers * sc.cpus_per_worker
     actors = sc.num_workers * sc.data_actors[0] * sc.data_cpus_per_actor
-    total = ray.cluster_resources().get("CPU", 0.0)
+    total = total_resources.get("CPU", 0.0)
     if workers + actors <= total + 1e-9:
         return
     message = (f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker} CPU + {sc.num_workers} x "
@@ -378,6 +408,13 @@ def scaling_config(sections: Sections):
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
     return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
+
+
+def torch_config(sections: Sections):
+    """Ray Train's TorchConfig: the DDP process-group backend, NCCL between GPU workers, gloo between CPU ones."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if sections.scaling.use_gpu else "gloo")
 
 
 def run_name(pipeline: Path, resume: bool) -> str:
@@ -411,7 +448,7 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                            "datasets": [ray.put(datasets)], "work_dir": os.path.abspath(work_dir)},
-        scaling_config=scaling_config(sections),
+        scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=run_config)
     result = trainer.fit()
     return result
@@ -437,6 +474,12 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # the run failed inside Ray: show our own error (image, loss, checkpoint), not Ray's
+        cause = find_user_error(exc)
+        if cause is None:
+            raise
+        print(f"error: training failed: {cause}", file=sys.stderr)
+        return 1
     out = result.return_value or {}
     metrics = out.get("metrics") or {}
     print(f"\nraydet: trained {out.get('epoch')} epochs ({out.get('iter')} iterations); work dir {work_dir}")

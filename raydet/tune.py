@@ -673,6 +673,60 @@ else:
     AbortOnStopFile = None
 
 
+try:
+    from ray.tune import Callback as _TuneCallback
+except ImportError:  # no Ray Tune: validation and reports still work
+    _TuneCallback = object
+
+
+class StudyProgress(_TuneCallback):
+    """A Ray Tune callback drawing one bar over the study's trials (finished or failed / all, with ETA), described
+    by the best value of ``metric`` reported so far. Tune pickles it with the study; a resumed study draws a new
+    bar that starts at the trials already finished."""
+
+    def __init__(self, name: str, metric: str, mode: str):
+        self.name, self.metric, self.sign = name, metric, 1.0 if mode == "max" else -1.0
+        self.bar, self.best = None, None
+
+    def __getstate__(self):
+        return {**self.__dict__, "bar": None}
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info):
+        from raydet.engine.progress import progress_bar
+
+        self.bar = progress_bar(total=total_num_samples, desc=f"study {self.name}", unit="trial")
+
+    def _sync(self, trials):
+        from ray.tune.experiment import Trial
+
+        done = sum(t.status in (Trial.TERMINATED, Trial.ERROR) for t in trials)
+        if self.bar is not None and done > self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._sync(trials)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        value = result.get(self.metric)
+        better = self.best is None or self.sign * value > self.sign * self.best if _is_number(value) else False
+        if better and math.isfinite(value):
+            self.best = value
+            if self.bar is not None:
+                self.bar.set_description(f"study {self.name}: best {self.metric} {value:.4g}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._sync(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._sync(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self._sync(trials)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 def trial_driver(config: dict, study: dict) -> None:
     """One trial (runs as a Ray Tune function trainable): build the trial's pipeline and train it with Ray Train,
     forwarding every report to Tune. The inner run is named after the trial id, so a restarted trial resumes."""
@@ -759,7 +813,8 @@ def run_study(space: Space, *, work_dir: str | None = None, resume: bool = False
             tune_config=tune.TuneConfig(num_samples=space.num_samples, scheduler=scheduler,
                                         search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent),
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=space.name, storage_path=os.path.dirname(folder)))
+            run_config=tune.RunConfig(name=space.name, storage_path=os.path.dirname(folder),
+                                      callbacks=[StudyProgress(space.name, space.metric, space.mode)]))
     grid = tuner.fit()
     rows = collect_rows(space, base, grid)
     write_report(space, base, rows, folder)

@@ -152,12 +152,12 @@ TINY_FASTER = [
 ]
 
 
-def _tiny_run(tmp_path, epochs, state=None):
+def _tiny_run(tmp_path, epochs, state=None, overrides=(), before_run=None):
     import raydet.models  # noqa: F401
     from raydet.train import build_runner, parse_sections
 
     cfg = load_config(ROOT / "pipelines" / "faster_rcnn_r50_fpn_1x_coco.yaml",
-                      TINY_FASTER + [f"train.max_epochs={epochs}", "data.images_per_worker=2"])
+                      TINY_FASTER + [f"train.max_epochs={epochs}", "data.images_per_worker=2", *overrides])
     samples = make_shapes_dataset(4, 64, 64, max_objects=2, seed=1)
 
     class Data:  # the slice of the dataset API that build_runner needs
@@ -173,6 +173,8 @@ def _tiny_run(tmp_path, epochs, state=None):
                           report=lambda metrics, st: saved.update(st or {}), sections=parse_sections(cfg))
     if state is not None:
         runner.load_state_dict(state)
+    if before_run is not None:
+        before_run(runner)
     runner.run()
     return runner, saved
 
@@ -205,3 +207,73 @@ def test_each_epoch_report_carries_that_epochs_mean_losses():
     # w: 0 -> 0.2 -> 0.36 -> 0.488; loss (w - 1)^2 before each step: 1, 0.64 | 0.4096, 0.262144
     assert reports[0]["train/loss_toy"] == pytest.approx((1 + 0.64) / 2)
     assert reports[1]["train/loss_toy"] == pytest.approx((0.4096 + 0.262144) / 2)
+
+
+# ------------------------------------------------------------------------------------------- mixed precision
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_mixed_precision_computes_in_half_and_keeps_fp32_weights(tmp_path, amp, dtype):
+    """train.amp runs the forward pass under autocast (here on the CPU): convolutions produce ``dtype``; the weights
+    stay float32 and are updated; fp16 adds a GradScaler (initial scale 2**16, saved in the checkpoint), bf16 none."""
+    seen, start = [], {}
+
+    def watch(runner):
+        start.update({k: v.clone() for k, v in runner.module.state_dict().items()})
+        runner.module.backbone.conv1.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+
+    runner, state = _tiny_run(tmp_path, epochs=1, overrides=[f"train.amp={amp}"], before_run=watch)
+    assert seen == [dtype, dtype]  # two iterations
+    weights = runner.module.state_dict()
+    assert all(v.dtype == start[k].dtype for k, v in weights.items())
+    assert all(torch.isfinite(v).all() for v in weights.values() if v.is_floating_point())
+    assert not torch.equal(weights["backbone.conv1.weight"], start["backbone.conv1.weight"])
+    hook = runner.get_hook(OptimizerHook)
+    if amp == "fp16":
+        assert hook.scaler is not None and hook.scaler.is_enabled()
+        # halved once per step whose scaled gradients overflowed, never raised within 2000 steps
+        scale = state["hooks"]["OptimizerHook"]["scaler"]["scale"]
+        assert scale in (2.0 ** 16, 2.0 ** 15, 2.0 ** 14)
+    else:
+        assert hook.scaler is None and "hooks" not in state or "OptimizerHook" not in state.get("hooks", {})
+
+
+def test_a_wrong_amp_or_nonfinite_setting_names_the_key():
+    from raydet.registry import ConfigError
+    from raydet.train import parse_sections
+
+    for override, key in (("train.amp=fp32", "train.amp"), ("train.nonfinite_loss=ignore", "train.nonfinite_loss")):
+        cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", [override])
+        with pytest.raises(ConfigError, match=rf"--set: {key}: expected one of"):
+            parse_sections(cfg)
+
+
+# ------------------------------------------------------------------------------------------- SyncBN
+def test_sync_bn_converts_every_batchnorm_on_gpu_workers_only(caplog):
+    """train.sync_bn with several workers: on GPUs every BatchNorm2d becomes SyncBatchNorm with the same weights
+    and running statistics; CPU workers (where torch's SyncBatchNorm cannot run) keep BatchNorm with a warning;
+    one worker needs no conversion."""
+    import raydet.models  # noqa: F401
+    from raydet.train import build_runner, parse_sections
+
+    cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", ["train.sync_bn=true"])
+
+    class Data:
+        records = [{}] * 8
+        classes, cat_ids = ("rectangle", "ellipse", "triangle"), (1, 2, 3)
+
+    def build(device, world_size):
+        return build_runner(cfg, {"train": Data()}, device=device, world_size=world_size, sections=parse_sections(cfg),
+                            wrap_model=lambda m: m).module  # no .to(device): there is no GPU here
+
+    plain = build("cpu", 1)
+    bns = [n for n, m in plain.named_modules() if type(m) is nn.BatchNorm2d]
+    assert len(bns) == 1 + 2 * 8 + 3  # ResNet-18: stem, two per BasicBlock, three downsamples
+    synced = build("cuda", 2)
+    kinds = dict(synced.named_modules())
+    assert all(type(kinds[n]) is nn.SyncBatchNorm for n in bns)
+    assert not any(type(m) is nn.BatchNorm2d for m in synced.modules())
+    a, b = plain.state_dict(), synced.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with caplog.at_level("WARNING", logger="raydet"):
+        cpu = build("cpu", 2)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in cpu.modules())
+    assert "SyncBatchNorm needs GPUs" in caplog.text

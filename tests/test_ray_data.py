@@ -124,3 +124,18 @@ def test_actor_side_modules_do_not_import_torch():
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"the actor-side modules import torch: {out.stdout.strip()[:200]}"
+
+
+def test_decode_actors_hold_the_custom_resource_they_are_placed_by(ray_session):
+    """``resources={"cpu_node": 1}`` (the pipeline's scaling.data_resources): each decode actor reserves one unit
+    for its lifetime, so the actors can only run on nodes that declare it (the CPU-only node types in clusters/)."""
+    ds = SyntheticShapesDataset(6, height=32, width=32, seed=0, pipeline=[{"type": "Resize", "scale": [32, 32]}])
+    total = ray_session.cluster_resources()["cpu_node"]
+    stream = build_ray_dataset(ds, train=False, num_actors=1, actor_batch_size=2,
+                               resources={"cpu_node": 1}).iter_batches(batch_size=2)
+    stream = iter(stream)
+    first = next(stream)
+    held = total - ray_session.available_resources().get("cpu_node", 0.0)
+    rest = list(stream)
+    assert held == 1.0
+    assert len(first["image"]) + sum(len(b["image"]) for b in rest) == 6

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -271,7 +272,10 @@ def test_quickstart_study_reports_and_resumes_without_rerunning(ray_session, tmp
     space = str(SPACES / "quickstart.yaml")
     overrides = SMALL + ["train.max_epochs=1"]
     assert main([space, "--work-dir", str(tmp_path), "--set", *overrides]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
+    # the study's progress bar reached both trials and names the best metric
+    assert re.search(r"study quickstart: best bbox/AP50 [\d.]+: 100%\S* 2/2", captured.err), captured.err[-2000:]
     folder = tmp_path / "tune" / "quickstart"
     rows = _rows(folder)
     assert sorted(r["optimizer.lr"] for r in rows) == ["0.0005", "0.002"]
@@ -330,3 +334,27 @@ def test_a_failed_trial_is_rerun_on_resume(ray_session, tmp_path, capsys):
     assert main([str(path), "--work-dir", str(tmp_path / "w"), "--resume"]) == 1
     starts = (folder / "runs" / row["trial"] / "starts.jsonl").read_text().splitlines()
     assert len(starts) == 2
+
+
+def test_asha_stops_the_worse_trial_at_its_first_rung(ray_session, tmp_path):
+    """Two trials, one at a time (the CPU budget fits one): lr 0.002 trains, lr 0 cannot lower its loss. ASHA
+    (grace 1 epoch, reduction factor 2) keeps the better half at the epoch-1 rung, so the lr 0 trial, which
+    reaches the rung second with the higher mean loss, is stopped there and never trains epoch 2."""
+    from test_train_ray import SMALL
+
+    path = space_file(tmp_path, "search: {optimizer.lr: {grid: [0.002, 0.0]}}\nmode: min\n"
+                                "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
+                                "resources: {num_workers: 1, cpus_per_worker: 0.5, driver_cpus: 0.5}\n",
+                      metric="train/loss")
+    overrides = SMALL + ["train.max_epochs=2", "data.train.num_images=8", "data.val=null",
+                         "lr_schedule.warmup=null"]
+    assert main([str(path), "--work-dir", str(tmp_path / "w"), "--set", *overrides]) == 0
+    folder = tmp_path / "w" / "tune" / "study"
+    rows = {float(r["optimizer.lr"]): r for r in _rows(folder)}
+    assert rows[0.002]["status"] == "done" and rows[0.002]["epoch"] == "2"
+    assert rows[0.0]["status"] == "stopped" and rows[0.0]["epoch"] == "1"
+    assert float(rows[0.002]["train/loss"]) < float(rows[0.0]["train/loss"])
+    # the stopped trial's own log ends after its first epoch (4 iterations of 2 images)
+    log = folder / "runs" / rows[0.0]["trial"] / "log.jsonl"
+    train = [r for r in map(json.loads, log.read_text().splitlines()) if r["mode"] == "train"]
+    assert max(r["iter"] for r in train) <= 4

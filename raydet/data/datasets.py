@@ -82,6 +82,49 @@ def read_image(path: str, image_id: Any = None) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
+_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
+_TAIL_BYTES = 64   # a JPEG's end-of-image marker may be followed by a little padding
+
+
+def image_file_problem(path: str) -> str | None:
+    """Why ``path`` is not a complete image file, from a cheap look at its first and last bytes (no decoding):
+    missing, empty, not a JPEG / PNG / BMP / TIFF / GIF / WebP, or a JPEG without its end-of-image marker (the file
+    was cut short). None when it looks complete. Corruption inside the data is only found when decoding."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(size - _TAIL_BYTES, 0))
+            tail = f.read()
+    except FileNotFoundError:
+        return "image file not found"
+    except OSError as exc:
+        return f"cannot read the image file: {exc.strerror or exc}"
+    if size == 0:
+        return "image file is empty"
+    if not (head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
+        return "not an image file (unknown format)"
+    if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
+        return "truncated JPEG (the file ends before its end-of-image marker)"
+    return None
+
+
+def check_image_files(records: list[dict], problems: _Problems, describe, threads: int = 16) -> list[dict]:
+    """Drop the records whose ``img_path`` fails :func:`image_file_problem`, reporting each to ``problems`` with
+    ``describe(record)``. Files are probed in a thread pool (the work is I/O)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        found = list(pool.map(image_file_problem, [r["img_path"] for r in records]))
+    kept = []
+    for record, why in zip(records, found):
+        if why is None:
+            kept.append(record)
+        else:
+            problems.add("bad_image_file", f"{describe(record)}: {why}: {record['img_path']} (image dropped)")
+    return kept
+
+
 class ImageFileLoader:
     """Picklable ``record -> image``: decodes ``record["img_path"]`` with :func:`read_image`."""
 
@@ -331,6 +374,8 @@ class CocoDataset(DetectionDataset):
         classes: select these categories by name, label ``i`` = ``classes[i]``; annotations of other categories
             are dropped (counted, logged at info level). Default: every category, labels in sorted-id order.
         on_error: ``"fail"`` or ``"skip"`` (see the module docstring).
+        check_images: look at every image file's first and last bytes when reading (missing, empty, not an image,
+            truncated JPEG), so such images fail (or are skipped) before training starts, not mid-epoch.
 
     Crowd annotations (``iscrowd=1``, or ``ignore=1``) become ignored boxes. Boxes go from xywh to xyxy; a box
     that sticks out of the image by at most 1 px is clipped, further out it is an error, as is a non-positive
@@ -339,7 +384,7 @@ class CocoDataset(DetectionDataset):
 
     def __init__(self, ann_file: str, img_prefix: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, with_masks: bool = False, num_classes: int | None = None,
-                 classes: Sequence[str] | None = None, on_error: str = "fail"):
+                 classes: Sequence[str] | None = None, on_error: str = "fail", check_images: bool = True):
         _check_on_error(on_error)
         self.ann_file, self.img_prefix = str(ann_file), str(img_prefix)
         self.sources = self.ann_file
@@ -351,6 +396,9 @@ class CocoDataset(DetectionDataset):
         problems = _Problems(self.ann_file)
         images = self._read_images(data["images"], problems)
         records = self._read_annotations(data.get("annotations", []), images, problems)
+        if check_images:
+            records = check_image_files(
+                records, problems, lambda r: f"image id {r['image_id']} (file_name {r['file_name']!r})")
         problems.resolve(on_error)
         self._coco_gt = None
         self._finish(records)
@@ -564,12 +612,13 @@ class VOCDataset(DetectionDataset):
     Boxes are the VOC integers as (x1, y1, x2, y2) = (xmin, ymin, xmax, ymax), with no +1/-1 shift. Image ids are
     1..N in the order of the split files (roots in order); records also carry ``voc_id`` and ``img_path``.
     Difficult objects are ignored boxes when ``with_difficult_as_ignore`` (VOC evaluation skips them), else
-    ordinary boxes. Category ids are 1..C in ``classes`` order.
+    ordinary boxes. Category ids are 1..C in ``classes`` order. ``check_images`` as in :class:`CocoDataset`.
     """
 
     def __init__(self, roots: Sequence[str], split: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, num_classes: int | None = None,
-                 classes: Sequence[str] | None = None, on_error: str = "fail", with_difficult_as_ignore: bool = True):
+                 classes: Sequence[str] | None = None, on_error: str = "fail", with_difficult_as_ignore: bool = True,
+                 check_images: bool = True):
         _check_on_error(on_error)
         if isinstance(roots, str):
             roots = [roots]
@@ -599,6 +648,8 @@ class VOCDataset(DetectionDataset):
                 rec = self._read_xml(root, voc_id, len(records) + 1, problems)
                 if rec is not None:
                     records.append(rec)
+        if check_images:
+            records = check_image_files(records, problems, lambda r: f"image {r['voc_id']}")
         problems.resolve(on_error)
         self._coco_gt = None
         self._finish(records)

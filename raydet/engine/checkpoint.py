@@ -9,9 +9,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "CHECKPOINT_FILE", "resolve_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "CHECKPOINT_FILE", "resolve_checkpoint",
+           "CheckpointError"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read, is not a raydet checkpoint, or does not fit the model."""
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
@@ -47,9 +52,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     try:
         state = torch.load(p, map_location=map_location, weights_only=False)
     except Exception as exc:  # truncated / not a torch file
-        raise ValueError(f"cannot read checkpoint {p}: {exc}") from exc
+        raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:
-        raise ValueError(f"{p} is not a raydet checkpoint (no 'model' entry)")
+        raise CheckpointError(f"{p} is not a raydet checkpoint (no 'model' entry)")
     return state
 
 
@@ -68,5 +73,5 @@ def load_model_weights(model: nn.Module, state_dict: dict, source: str) -> None:
             lines.append(f"  {len(missing)} model keys missing from the checkpoint, e.g. {missing[:3]}")
         if unexpected:
             lines.append(f"  {len(unexpected)} checkpoint keys the model lacks, e.g. {unexpected[:3]}")
-        raise ValueError("\n".join(lines))
+        raise CheckpointError("\n".join(lines))
     model.load_state_dict(state_dict)

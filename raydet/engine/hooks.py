@@ -19,7 +19,7 @@ from raydet.engine.dist import all_gather_object, broadcast_object
 from raydet.engine.optim import LrScheduleConfig, lr_at
 
 __all__ = ["HOOK_POINTS", "Priority", "Hook", "LrSchedulerHook", "OptimizerHook", "CheckpointHook", "LoggerHook",
-           "EvalHook", "NonFiniteLossError"]
+           "ProgressBarHook", "EvalHook", "NonFiniteLossError"]
 
 log = logging.getLogger("raydet")
 
@@ -92,15 +92,17 @@ class OptimizerHook(Hook):
         grad_clip: ``{max_norm, norm_type}`` or None.
         fp16_scaler: use a GradScaler (set for ``amp: fp16``).
         nonfinite: "stop" raises NonFiniteLossError naming the iteration and loss terms; "skip" drops the step.
+        device: the device type the model trains on ("cuda", "cpu"); the GradScaler works on it.
     """
 
     priority = Priority.HIGH
 
-    def __init__(self, grad_clip: dict | None = None, fp16_scaler: bool = False, nonfinite: str = "stop"):
+    def __init__(self, grad_clip: dict | None = None, fp16_scaler: bool = False, nonfinite: str = "stop",
+                 device: str = "cuda"):
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
         self.grad_clip = grad_clip
-        self.scaler = torch.amp.GradScaler() if fp16_scaler else None
+        self.scaler = torch.amp.GradScaler(device) if fp16_scaler else None
         self.nonfinite = nonfinite
         self.skipped = 0
 
@@ -275,10 +277,17 @@ class LoggerHook(Hook):
             self.write(runner, {"mode": "val", "epoch": runner.epoch + 1, "iter": runner.iter, **runner.metrics})
 
     def after_run(self, runner):
-        if self.jsonl:
-            self.jsonl.close()
         if self.writer:
             self.writer.close()
+        if self.jsonl:
+            self.jsonl.close()
+            from raydet.engine.curves import plot_curves
+
+            try:  # the curves are a convenience: a plotting problem must not fail a finished run
+                if plot_curves(self.jsonl.name):
+                    log.info("loss and metric curves: %s", os.path.join(runner.work_dir, "curves.png"))
+            except Exception as exc:  # noqa: BLE001
+                log.warning("could not draw the curves of %s: %s", self.jsonl.name, exc)
 
     def write(self, runner, record: dict):
         if runner.rank != 0:
@@ -300,6 +309,59 @@ class LoggerHook(Hook):
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "iter") and math.isfinite(v):
                     self.writer.add_scalar(f"{record['mode']}/{k}" if "/" not in k else k, v, record["iter"])
+
+
+# --------------------------------------------------------------------------------------------------- progress
+class ProgressBarHook(Hook):
+    """On rank 0: one bar over the whole training (iterations done / ``max_epochs x iters_per_epoch``, with rate
+    and ETA; a resumed run starts where it stands) described by the epoch and the latest loss, and one bar per
+    evaluation pass over this rank's images (``runner.val_images``). See :mod:`raydet.engine.progress`."""
+
+    priority = Priority.LOWEST
+
+    def __init__(self, bar_factory=None):
+        from raydet.engine.progress import progress_bar
+
+        self.bar_factory = bar_factory or progress_bar
+        self.train_bar = self.val_bar = None
+
+    def _describe(self, runner) -> str:
+        text = f"epoch {runner.epoch + 1}/{runner.max_epochs}"
+        if runner.loss is not None:
+            text += f" loss {float(runner.loss.detach()):.4f}"
+        return text
+
+    def before_run(self, runner):
+        if runner.rank != 0 or runner.train_loader is None or runner.epoch >= runner.max_epochs:
+            return
+        total = runner.max_epochs * runner.iters_per_epoch if runner.iters_per_epoch else None
+        self.train_bar = self.bar_factory(total=total, desc=self._describe(runner), unit="it")
+        if runner.iter:
+            self.train_bar.update(runner.iter)
+
+    def after_train_iter(self, runner):
+        if self.train_bar is not None:
+            self.train_bar.set_description(self._describe(runner))
+            self.train_bar.update(1)
+
+    def before_val_epoch(self, runner):
+        if runner.rank == 0:
+            self.val_bar = self.bar_factory(total=runner.val_images, desc=f"evaluate (epoch {runner.epoch + 1})"
+                                            if runner.max_epochs else "evaluate", unit="img")
+
+    def after_val_iter(self, runner):
+        if self.val_bar is not None:
+            self.val_bar.update(len(runner.batch["img_metas"]))
+
+    def after_val_epoch(self, runner):
+        if self.val_bar is not None:
+            self.val_bar.close()
+            self.val_bar = None
+
+    def after_run(self, runner):
+        if self.train_bar is not None:
+            self.train_bar.close()
+            self.train_bar = None
 
 
 def _peak_memory_mb(device: torch.device) -> int:

@@ -51,13 +51,14 @@ class Runner:
         report: ``(metrics: dict, checkpoint_state: dict | None) -> None``; under Ray Train it calls
             ``ray.train.report`` (every rank, the same number of times); locally it may save files.
         iters_per_epoch: known iterations per epoch (for ETA and warmup bookkeeping), if any.
+        val_images: images this worker evaluates in one evaluation pass (for the progress bar), if known.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
                  train_loader: Callable[[int], Iterable[dict]] | None, val_loader: Callable[[], Iterable[dict]] | None,
                  max_epochs: int, hooks: list[Hook] = (), device: torch.device | str = "cpu", amp: str | None = None,
                  report: Callable[[dict, dict | None], None] | None = None, work_dir: str | None = None,
-                 iters_per_epoch: int | None = None, meta: dict | None = None):
+                 iters_per_epoch: int | None = None, meta: dict | None = None, val_images: int | None = None):
         if amp not in (None, "fp16", "bf16"):
             raise ValueError(f"amp must be null, fp16 or bf16, got {amp!r}")
         self.model = model
@@ -71,6 +72,7 @@ class Runner:
         self.report_fn = report
         self.work_dir = work_dir
         self.iters_per_epoch = iters_per_epoch
+        self.val_images = val_images
         self.meta = dict(meta or {})
         self.rank, self.world_size = get_rank(), get_world_size()
 

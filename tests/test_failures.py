@@ -1,0 +1,202 @@
+"""Failure behaviour: a killed training worker is restarted from the last checkpoint, and bad input (corrupt or
+truncated images, empty annotation files, no usable image, a checkpoint of another model, a pipeline typo) stops the
+command with one clear message naming the file or key, exit status 2 and no traceback."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raydet.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
+
+
+# ----------------------------------------------------------------------------------------------- worker loss
+def _train_workers() -> list:
+    """The Ray Train worker processes on this host (Ray titles actor processes ``ray::<Class>...``)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if "ray::RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def _kill_when(log_file: Path, epoch: int, killed: list, timeout_s: float = 300.0) -> None:
+    """Once ``log_file`` has a training record of ``epoch``, SIGKILL the training worker(s) (mid-epoch)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log_file.exists():
+            records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+            if any(r["mode"] == "train" and r["epoch"] == epoch for r in records):
+                for proc in _train_workers():
+                    proc.send_signal(signal.SIGKILL)
+                    killed.append(proc.pid)
+                return
+        time.sleep(0.05)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_finishes(ray_session, tmp_path):
+    """3 epochs of 4 iterations, a checkpoint after each epoch. The worker is killed with SIGKILL during epoch 2;
+    with scaling.max_failures=1 Ray Train starts a new worker group, which loads the epoch-1 checkpoint and
+    trains epochs 2 and 3: the run ends at iteration 12 and the log shows epoch 2 started again from iteration 5."""
+    from test_train_ray import SMALL
+
+    from raydet.train import fit
+
+    cfg = load_config(QUICKSTART, SMALL + ["train.max_epochs=3", "data.train.num_images=8", "data.val=null",
+                                           "scaling.max_failures=1"])
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_when, args=(tmp_path / "log.jsonl", 2, killed), daemon=True)
+    watcher.start()
+    result = fit(cfg, work_dir=str(tmp_path))
+    watcher.join(timeout=1)
+    assert killed, "no training worker process was found to kill"
+    out = result.return_value
+    assert out["epoch"] == 3 and out["iter"] == 12
+
+    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    iters = [r["iter"] for r in records if r["mode"] == "train"]
+    restart = next(i for i in range(1, len(iters)) if iters[i] <= iters[i - 1])
+    # before the kill: epoch 1 (iterations 1-4) and part of epoch 2; after: from iteration 5 (the epoch-1
+    # checkpoint), not from 1, to the end
+    assert iters[:4] == [1, 2, 3, 4] and 5 <= iters[restart - 1] <= 8
+    assert iters[restart:] == list(range(5, 13))
+    assert not any(proc_pid in killed for proc_pid in [p.pid for p in _train_workers()])
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def _coco(tmp_path: Path, images: list[dict], annotations: list[dict]) -> Path:
+    ann = tmp_path / "annotations.json"
+    ann.write_text(json.dumps({"images": images, "annotations": annotations,
+                               "categories": [{"id": 1, "name": "thing"}]}))
+    return ann
+
+
+def _jpeg(path: Path, size: int = 64) -> bytes:
+    import cv2
+
+    image = np.full((size, size, 3), 127, np.uint8)
+    cv2.rectangle(image, (8, 8), (40, 40), (0, 0, 255), -1)
+    ok, data = cv2.imencode(".jpg", image)
+    assert ok
+    path.write_bytes(data.tobytes())
+    return data.tobytes()
+
+
+def _coco_pipeline(tmp_path: Path, ann: Path, extra: str = "") -> Path:
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(
+        f"_base_: {QUICKSTART}\n"
+        "num_classes: 1\n"
+        "data:\n"
+        f"  train: {{_delete_: true, type: CocoDataset, ann_file: {ann}, img_prefix: {tmp_path}/, "
+        "pipeline: '${train_pipeline}', filter_empty_gt: true}\n"
+        "  val: null\n  test: null\n" + extra)
+    return pipeline
+
+
+def _train_error(capsys, argv) -> str:
+    from raydet.train import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error: " in err and "Traceback" not in err
+    return err[err.index("error: "):]
+
+
+def _one_image(tmp_path: Path, name: str = "a.jpg") -> tuple[list, list]:
+    images = [{"id": 1, "file_name": name, "height": 64, "width": 64}]
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 32, 32], "area": 1024, "iscrowd": 0}]
+    return images, annotations
+
+
+def test_a_corrupt_image_is_named(tmp_path, capsys):
+    (tmp_path / "a.jpg").write_bytes(b"this is not an image")
+    pipeline = _coco_pipeline(tmp_path, _coco(tmp_path, *_one_image(tmp_path)))
+    err = _train_error(capsys, [str(pipeline), "--work-dir", str(tmp_path / "w")])
+    assert "a.jpg" in err and "annotations.json" in err
+
+
+def test_a_truncated_jpeg_is_named(tmp_path, capsys):
+    data = _jpeg(tmp_path / "full.jpg")
+    (tmp_path / "a.jpg").write_bytes(data[: len(data) // 2])
+    pipeline = _coco_pipeline(tmp_path, _coco(tmp_path, *_one_image(tmp_path)))
+    err = _train_error(capsys, [str(pipeline), "--work-dir", str(tmp_path / "w")])
+    assert "a.jpg" in err and "truncated" in err
+
+
+def test_an_empty_annotation_file_is_named(tmp_path, capsys):
+    ann = tmp_path / "annotations.json"
+    ann.write_text("")
+    err = _train_error(capsys, [str(_coco_pipeline(tmp_path, ann)), "--work-dir", str(tmp_path / "w")])
+    assert str(ann) in err
+
+
+def test_a_dataset_with_zero_usable_images_is_refused(tmp_path, capsys):
+    """Every image is skipped (corrupt, with on_error: skip) or has no object: nothing to train on."""
+    images = [{"id": 1, "file_name": "a.jpg", "height": 64, "width": 64},
+              {"id": 2, "file_name": "b.jpg", "height": 64, "width": 64}]
+    (tmp_path / "a.jpg").write_bytes(b"broken")
+    _jpeg(tmp_path / "b.jpg")
+    annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 32, 32], "area": 1024, "iscrowd": 0}]
+    pipeline = _coco_pipeline(tmp_path, _coco(tmp_path, images, annotations))
+    err = _train_error(capsys, [str(pipeline), "--work-dir", str(tmp_path / "w"),
+                                "--set", "data.train.on_error=skip"])
+    assert "annotations.json" in err and "no usable image" in err
+
+
+@pytest.mark.parametrize("text, key, suggestion", [
+    ("model:\n  backbone: {detph: 18}\n", "model.backbone.detph", "depth"),
+    ("trian: {max_epochs: 1}\n", "trian", "train"),
+    ("train: {max_epoch: 1}\n", "train.max_epoch", "max_epochs"),
+    ("scaling: {num_worker: 2}\n", "scaling.num_worker", "num_workers"),
+])
+def test_a_pipeline_typo_is_named_with_a_suggestion(tmp_path, capsys, text, key, suggestion):
+    pipeline = tmp_path / "typo.yaml"
+    pipeline.write_text(f"_base_: {QUICKSTART}\n" + text)
+    err = _train_error(capsys, [str(pipeline), "--work-dir", str(tmp_path)])
+    assert f"{pipeline}: {key}" in err and f"did you mean '{suggestion}'" in err
+
+
+def test_a_checkpoint_of_another_model_is_named(tmp_path, capsys):
+    """raydet test with a RetinaNet checkpoint for the quickstart's Faster R-CNN."""
+    from raydet.engine.checkpoint import save_checkpoint
+    from raydet.test import main
+
+    retina = load_config(ROOT / "pipelines" / "retinanet_r50_fpn_1x_coco.yaml",
+                         ["model.backbone.depth=18", "model.neck.in_channels=[64,128,256,512]"]).build("model")
+    ckpt = save_checkpoint({"model": retina.state_dict(), "epoch": 1, "iter": 1}, tmp_path / "retina.pt")
+    assert main([str(QUICKSTART), str(ckpt), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert str(ckpt) in err and "Traceback" not in err
+    assert "does not fit this model" in err and "keys missing from the checkpoint" in err
+
+
+def test_an_image_that_fails_to_decode_mid_run_stops_training_naming_it(ray_session, tmp_path, capsys):
+    """A file that looks complete (JPEG start and end markers) but cannot be decoded passes the reader's check and
+    fails in a Ray Data decode actor; the command prints that error, not Ray's wrapping of it, and exits 1."""
+    images, annotations = _one_image(tmp_path)
+    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9")
+    pipeline = _coco_pipeline(tmp_path, _coco(tmp_path, images, annotations))
+    from test_train_ray import SMALL
+
+    from raydet.train import main
+
+    small = [o for o in SMALL if not o.startswith(("data.val", "data.test", "data.train"))]
+    assert main([str(pipeline), "--work-dir", str(tmp_path / "w"), "--set", *small, "train.max_epochs=1"]) == 1
+    err = capsys.readouterr().err
+    line = err[err.index("error: "):].strip()
+    assert line.startswith("error: training failed: image id 1: cannot decode image file") and "a.jpg" in line
+    assert "Traceback" not in line and "RayTaskError" not in line
