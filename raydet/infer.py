@@ -63,6 +63,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raydet.data.ray_data import rows_to_columns
+
 __all__ = ["main", "infer", "collect_images", "ImageSet", "DetectionPredictor", "draw_detections",
            "IMAGE_EXTENSIONS", "inference_pipeline", "checkpoint_classes"]
 
@@ -314,20 +316,6 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
 
 
 # --------------------------------------------------------------------------------------------------- Ray actor
-def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Rows -> numpy columns; array-valued columns become 1-d object arrays (one array per row)."""
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows]
-        if isinstance(values[0], np.ndarray):
-            col = np.empty(len(values), dtype=object)
-            col[:] = values
-            out[key] = col
-        else:
-            out[key] = np.asarray(values)
-    return out
-
-
 class DetectionPredictor:
     """Ray Data actor: decode, transform, collate and predict a batch of images with one model per actor.
 
@@ -443,7 +431,7 @@ class DetectionPredictor:
                     drawn = draw_detections(image, boxes, scores, labels, self.classes, self.score_thr, masks)
                     if not cv2.imwrite(vis_path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
                         raise OSError(f"cannot write {vis_path}")
-        return _columns(rows)
+        return rows_to_columns(rows)
 
 
 # --------------------------------------------------------------------------------------------------- writers

@@ -148,7 +148,7 @@ def row_to_sample(batch: dict, i: int, with_masks: bool) -> dict:
     return sample
 
 
-def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:
     """Rows -> numpy columns; array-valued columns become 1-d object arrays (one array per row)."""
     out = {}
     for key in rows[0]:
@@ -191,7 +191,7 @@ class DecodeAndTransform:
             row["index"] = int(batch["index"][i])
             row["epoch"] = int(batch["epoch"][i])
             rows.append(row)
-        return _columns(rows)
+        return rows_to_columns(rows)
 
 
 _MAX_BLOCKS = 200
