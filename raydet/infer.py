@@ -582,7 +582,8 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     Returns a summary ``{"images", "skipped", "detections", "seconds", "images_per_s", "outputs": {kind: path}}``
     (``seconds``: the Ray job, actor start-up included). Raises FileNotFoundError / ValueError / ConfigError for
     bad inputs, a checkpoint that does not fit the pipeline's model, or (``on_error="fail"``) an unreadable image.
-    ``progress``: Ray Data's progress bars for this job (default: the pipeline's ``runtime.progress``, else on).
+    ``progress``: Ray Data's progress bars for this job (default: the pipeline's ``runtime.progress``; ``auto``:
+    when stderr is a terminal).
     """
     import ray
     import torch
@@ -606,7 +607,8 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     # Everything that can be checked without Ray fails here, before any actor starts.
     sections = parse_sections(cfg)
     if progress is None:
-        progress = bool(getattr(sections.runtime, "progress", True))
+        setting = sections.runtime.progress
+        progress = setting is True or (setting == "auto" and sys.stderr.isatty())
     transforms = inference_pipeline(cfg)
     with build_context(file=cfg.path, origins=cfg.origins):
         build_transforms(transforms)

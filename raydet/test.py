@@ -20,7 +20,7 @@ from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
 from raydet.train import (_setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders,
-                          scaling_config, torch_config, worker_setup)
+                          resolve_progress, scaling_config, torch_config, worker_setup)
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
@@ -37,7 +37,7 @@ def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, ou
     results_file = os.path.join(out_dir, "results.json") if out_dir else None
     evaluator = DatasetEvaluator(dataset, sections.evaluation.metric, sections.evaluation.proposal_nums,
                                  results_file=results_file)
-    hooks = [EvalHook(evaluator)] + ([ProgressBarHook()] if sections.runtime.progress else [])
+    hooks = [EvalHook(evaluator)] + ([ProgressBarHook()] if sections.runtime.progress is True else [])
     return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0, hooks=hooks,
                   device=device, amp=sections.train.amp, val_images=len(dataset.records[rank::world_size]))
 
@@ -65,6 +65,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     from ray.train.torch import TorchTrainer
 
     sections = parse_sections(cfg)
+    cfg = resolve_progress(cfg)
     # a missing or unreadable checkpoint, or one of another model, fails here, before any worker starts
     load_model_weights(cfg.build("model"), load_checkpoint(checkpoint)["model"], str(checkpoint))
     if getattr(sections.data, split) is None:

@@ -94,7 +94,8 @@ class RuntimeSettings:
 
     log_interval: int = 50
     tensorboard: bool = True
-    progress: bool = True                # progress bars with ETA (training, evaluation) on rank 0
+    progress: bool | str = "auto"        # progress bars with ETA on rank 0: true, false, or auto (when the
+                                         # command's stderr is a terminal; not in log files or ray job logs)
     imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
 
 
@@ -135,6 +136,7 @@ def parse_sections(cfg: Config) -> Sections:
             runtime=typed(RuntimeSettings, "runtime"), data=typed(DataSettings, "data"),
             seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
         for key, value, allowed in (("train.amp", sections.train.amp, (None, "fp16", "bf16")),
+                                    ("runtime.progress", sections.runtime.progress, (True, False, "auto")),
                                     ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip"))):
             if value not in allowed:
                 raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
@@ -211,7 +213,7 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
                            nonfinite=sections.train.nonfinite_loss, device=torch.device(device).type),
              CheckpointHook(sections.checkpoint.interval),
              LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
-    if sections.runtime.progress:
+    if sections.runtime.progress is True:  # fit() / evaluate() resolve "auto" on the driver
         hooks.append(ProgressBarHook())
     if "val" in datasets:
         evaluator = DatasetEvaluator(datasets["val"], sections.evaluation.metric, sections.evaluation.proposal_nums)
@@ -410,6 +412,14 @@ def scaling_config(sections: Sections):
     return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
 
 
+def resolve_progress(cfg: Config) -> Config:
+    """``runtime.progress: auto`` -> true when this (driver) process's stderr is a terminal, else false: the
+    workers, whose output Ray forwards, cannot tell."""
+    if cfg.get("runtime.progress", "auto") == "auto":
+        return cfg.with_overrides([f"runtime.progress={'true' if sys.stderr.isatty() else 'false'}"])
+    return cfg
+
+
 def torch_config(sections: Sections):
     """Ray Train's TorchConfig: the DDP process-group backend, NCCL between GPU workers, gloo between CPU ones."""
     from ray.train.torch import TorchConfig
@@ -434,6 +444,7 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     from ray.train.torch import TorchTrainer
 
     sections = parse_sections(cfg)
+    cfg = resolve_progress(cfg)
     cfg.build("model")  # fail on a bad model section before any worker starts
     datasets = build_datasets(cfg, sections)
     init_ray()

@@ -149,3 +149,35 @@ def test_curves_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["curves", str(tmp_path / "bad.jsonl")])
     assert exc.value.code == 2 and "bad.jsonl:2: not a JSON record" in capsys.readouterr().err
+
+
+def test_progress_auto_means_a_terminal_on_the_driver(monkeypatch):
+    """runtime.progress: auto becomes true only when the command's stderr is a terminal (the workers' output is
+    forwarded by Ray and cannot tell); the Runner gets a ProgressBarHook only for true."""
+    from pathlib import Path
+
+    import raydet.models  # noqa: F401
+    from raydet.config import load_config
+    from raydet.registry import ConfigError
+    from raydet.train import build_runner, parse_sections, resolve_progress
+
+    quickstart = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+
+    class Data:
+        records = [{}] * 8
+        classes, cat_ids = ("rectangle", "ellipse", "triangle"), (1, 2, 3)
+
+    def hooks(cfg):
+        return [type(h).__name__ for h in build_runner(cfg, {"train": Data()}, device="cpu").hooks]
+
+    cfg = load_config(quickstart)
+    assert cfg.get("runtime.progress", "auto") == "auto"
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)
+    assert resolve_progress(cfg).get("runtime.progress") is False
+    assert "ProgressBarHook" not in hooks(resolve_progress(cfg))
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert resolve_progress(cfg).get("runtime.progress") is True
+    assert "ProgressBarHook" in hooks(resolve_progress(cfg))
+    assert resolve_progress(load_config(quickstart, ["runtime.progress=false"])).get("runtime.progress") is False
+    with pytest.raises(ConfigError, match=r"runtime\.progress: expected one of True, False, auto, got 'yes please'"):
+        parse_sections(load_config(quickstart, ["runtime.progress=yes please"]))
