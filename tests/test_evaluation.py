@@ -418,3 +418,23 @@ def test_ignore_becomes_crowd():
     assert evaluate_coco(gt, res)["bbox/AP"] == 0.0
     recs[0]["ignore"][:] = False
     assert evaluate_coco(coco_from_records(recs, CLASSES), res)["bbox/AP"] == pytest.approx(51 / 101)
+
+
+def test_quiet_pycocotools_silences_its_prints_even_under_a_patched_print(monkeypatch):
+    """Ray Train workers replace builtins.print with one that logs everything, redirected or not: pycocotools'
+    own prints must still stay silent, and only inside the block."""
+    import builtins
+
+    import pycocotools.coco
+
+    from raydet.evaluation.coco import quiet_pycocotools
+
+    logged = []
+    monkeypatch.setattr(builtins, "print", lambda *a, **k: logged.append(" ".join(map(str, a))))
+    coco = pycocotools.coco.COCO()
+    coco.dataset = {"images": [], "annotations": [], "categories": []}
+    with quiet_pycocotools():
+        coco.createIndex()
+    assert logged == [] and "print" not in vars(pycocotools.coco)
+    coco.createIndex()
+    assert logged == ["creating index...", "index created!"]

@@ -13,8 +13,6 @@ record's image; :meth:`DetectionDataset.load_image` uses it.
 from __future__ import annotations
 
 import collections
-import contextlib
-import io
 import json
 import logging
 import math
@@ -580,9 +578,11 @@ class CocoDataset(DetectionDataset):
                 for a in dataset["annotations"]:
                     firsts.setdefault(a["id"], a)
                 dataset["annotations"] = list(firsts.values())
+            from raydet.evaluation.coco import quiet_pycocotools
+
             coco = COCO()
             coco.dataset = dataset
-            with contextlib.redirect_stdout(io.StringIO()):
+            with quiet_pycocotools():
                 coco.createIndex()
             self._coco_gt = coco
         return self._coco_gt

@@ -24,6 +24,31 @@ from pycocotools.cocoeval import COCOeval
 
 from ..masks import bitmap_to_rle, to_rle
 
+
+def _no_print(*args, **kwargs) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def quiet_pycocotools():
+    """Silence pycocotools' progress prints ("creating index...", COCOeval's summary) within the block.
+
+    ``redirect_stdout`` is not enough inside Ray Train workers, whose patched ``print`` logs everything printed
+    even when stdout is redirected, so the pycocotools modules' ``print`` is shadowed instead (their own name
+    lookup finds the module global before the builtin; nothing else is affected)."""
+    import pycocotools.coco
+    import pycocotools.cocoeval
+
+    modules = (pycocotools.coco, pycocotools.cocoeval)
+    for m in modules:
+        m.print = _no_print
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("print", None)
+
 __all__ = ["coco_from_records", "predictions_to_coco_results", "evaluate_coco", "format_coco_table",
            "write_coco_results", "COCO_METRIC_NAMES"]
 
@@ -42,7 +67,7 @@ def _numpy(x: Any) -> np.ndarray:
 def _quiet_coco(dataset: dict) -> COCO:
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         coco.createIndex()
     return coco
 
@@ -175,7 +200,7 @@ def _load_results(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
         dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     else:
         dets = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         return coco_gt.loadRes(dets)
 
 
@@ -188,7 +213,7 @@ def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, max_dets: list[in
     if max_dets is not None:
         ev.params.maxDets = list(max_dets)
     ev.params.useCats = int(use_cats)
-    with contextlib.redirect_stdout(io.StringIO()):
+    with quiet_pycocotools():
         ev.evaluate()
         ev.accumulate()
         if len(ev.params.maxDets) == 3:
