@@ -200,3 +200,50 @@ def test_an_image_that_fails_to_decode_mid_run_stops_training_naming_it(ray_sess
     line = err[err.index("error: "):].strip()
     assert line.startswith("error: training failed: image id 1: cannot decode image file") and "a.jpg" in line
     assert "Traceback" not in line and "RayTaskError" not in line
+
+
+# ----------------------------------------------------------------------------------------------- interrupted write
+CHILD = r'''
+import sys, time, torch
+from raydet.engine.checkpoint import save_checkpoint
+
+path, marker = sys.argv[1], sys.argv[2]
+save_checkpoint({"model": {"w": torch.ones(4)}, "epoch": 1, "iter": 10}, path)
+real_save = torch.save
+
+def slow_save(obj, f):  # half the bytes, then the process is killed while "writing"
+    f.write(b"PK\x03\x04 half a checkpoint")
+    f.flush()
+    open(marker, "w").close()
+    time.sleep(600)
+
+torch.save = slow_save
+save_checkpoint({"model": {"w": torch.zeros(4)}, "epoch": 2, "iter": 20}, path)
+'''
+
+
+def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path):
+    """SIGKILL in the middle of a checkpoint write (no Python cleanup runs): the checkpoint file is still the
+    previous, complete one, and the half-written temporary file beside it is never what a load picks up."""
+    import subprocess
+    import sys
+
+    from raydet.engine.checkpoint import load_checkpoint
+
+    path, marker = tmp_path / "run" / "checkpoint.pt", tmp_path / "writing"
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(marker)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "the writer did not start its second save"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    leftovers = sorted(p.name for p in path.parent.iterdir())
+    assert leftovers[0].startswith(".checkpoint.pt.") and leftovers[1:] == ["checkpoint.pt"]
+    for where in (path, path.parent):  # the file, or the folder as Ray hands it over
+        state = load_checkpoint(where)
+        assert state["epoch"] == 1 and state["iter"] == 10 and state["model"]["w"].tolist() == [1.0] * 4
