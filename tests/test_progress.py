@@ -91,7 +91,7 @@ LOG = [
      "time": 0.5, "data_time": 0.1, "memory_mb": 100, "eta_s": 9.0},
     {"mode": "train", "epoch": 1, "iter": 4, "loss": 2.0, "loss_cls": 1.5, "loss_bbox": 0.5, "lr": 0.02,
      "time": 0.5, "data_time": 0.1, "memory_mb": 100, "eta_s": 5.0},
-    {"mode": "val", "epoch": 1, "iter": 4, "bbox/AP": 0.25, "bbox/AP50": 0.5},
+    {"mode": "val", "epoch": 1, "iter": 4, "bbox/AP": 0.25, "bbox/AP50": 0.5, "bbox/APl": -1.0},
     # a restart from the epoch-1 checkpoint redoes iterations 3 and 4: the later records win
     {"mode": "train", "epoch": 2, "iter": 4, "loss": 1.5, "loss_cls": 1.0, "loss_bbox": 0.5, "lr": 0.02,
      "time": 0.5, "data_time": 0.1, "memory_mb": 100, "eta_s": 5.0},

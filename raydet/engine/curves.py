@@ -30,8 +30,9 @@ def read_log(path: str | os.PathLike) -> list[dict]:
 
 def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
     """``{panel: {series: (xs, ys)}}`` for the panels ``losses`` (x = iteration), ``lr`` (x = iteration) and
-    ``metrics`` (x = epoch). Non-finite values are left out. A resumed run's log repeats the iterations redone
-    after the restart; the later record of an iteration wins."""
+    ``metrics`` (x = epoch). Non-finite values, and metrics of -1 (COCOeval: nothing to measure, e.g. APl without
+    large objects), are left out. A resumed run's log repeats the iterations redone after the restart; the later
+    record of an iteration wins."""
     panels: dict[str, dict[str, dict]] = {"losses": {}, "lr": {}, "metrics": {}}
     for r in records:
         mode = r.get("mode")
@@ -45,7 +46,7 @@ def curve_series(records: list[dict]) -> dict[str, dict[str, tuple[list, list]]]
         elif mode == "val":
             x = r["epoch"]
             for k, v in r.items():
-                if k not in _SKIP and _finite(v):
+                if k not in _SKIP and _finite(v) and v != -1:  # -1: COCOeval's "nothing to measure"
                     panels["metrics"].setdefault(k, {})[x] = v
     return {panel: {name: (sorted(points), [points[x] for x in sorted(points)]) for name, points in series.items()}
             for panel, series in panels.items() if series}
