@@ -19,7 +19,7 @@ from raydet.engine.runner import Runner
 from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
-from raydet.train import (_setup_logging, build_datasets, check_cpu_budget, init_ray, parse_sections, ray_loaders,
+from raydet.train import (_setup_logging, build_datasets, check_cluster_resources, init_ray, parse_sections, ray_loaders,
                           resolve_progress, scaling_config, torch_config, worker_setup)
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
@@ -74,7 +74,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     init_ray()
-    check_cpu_budget(sections)
+    check_cluster_resources(sections)
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,

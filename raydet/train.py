@@ -359,7 +359,7 @@ def init_ray():
     ray.init(logging_level=logging.WARNING, log_to_driver=True)
 
 
-def check_cpu_budget(sections: Sections) -> None:
+def check_cluster_resources(sections: Sections) -> None:
     """Fail clearly, instead of waiting forever, when no node has a custom resource the pipeline places workers or
     actors with, or when the training workers leave no CPU for the decode actors.
 
@@ -448,7 +448,7 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     cfg.build("model")  # fail on a bad model section before any worker starts
     datasets = build_datasets(cfg, sections)
     init_ray()
-    check_cpu_budget(sections)
+    check_cluster_resources(sections)
     ck = sections.checkpoint
     run_config = RunConfig(
         name=name or run_name(Path(cfg.path), resume), storage_path=os.path.abspath(os.path.join(work_dir, "ray")),

@@ -185,7 +185,7 @@ def test_placement_resources_reach_ray_and_must_exist(ray_session):
     """scaling.resources_per_worker goes to Ray Train's workers; a custom resource no node declares fails before
     anything waits for it, naming the key; with the actors on cpu_node nodes the CPU budget leaves them out."""
     from raydet.registry import ConfigError
-    from raydet.train import check_cpu_budget, parse_sections, scaling_config, torch_config
+    from raydet.train import check_cluster_resources, parse_sections, scaling_config, torch_config
 
     def sections(*overrides):
         return parse_sections(load_config(QUICKSTART, list(overrides)))
@@ -197,10 +197,10 @@ def test_placement_resources_reach_ray_and_must_exist(ray_session):
     assert torch_config(gpu).backend == "nccl" and torch_config(sections()).backend == "gloo"
     with pytest.raises(ConfigError, match=r"scaling\.resources_per_worker: no node of the cluster has the "
                                           r"resource\(s\) \['gpu_node'\] \(custom resources here: \['cpu_node'\]\)"):
-        check_cpu_budget(gpu)
+        check_cluster_resources(gpu)
     with pytest.raises(ConfigError, match=r"scaling\.data_resources: .*\['data_node'\]"):
-        check_cpu_budget(sections("scaling.data_resources={data_node: 0.1}"))
+        check_cluster_resources(sections("scaling.data_resources={data_node: 0.1}"))
     # 2 workers x 1 CPU take both CPUs: with actors on the CPU the budget fails, with actors on cpu_node it fits
     with pytest.raises(ConfigError, match=r"the data pipeline would wait forever"):
-        check_cpu_budget(sections("scaling.num_workers=2"))
-    check_cpu_budget(sections("scaling.num_workers=2", "scaling.data_resources={cpu_node: 0.25}"))
+        check_cluster_resources(sections("scaling.num_workers=2"))
+    check_cluster_resources(sections("scaling.num_workers=2", "scaling.data_resources={cpu_node: 0.25}"))
