@@ -515,7 +515,11 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         else:
             results["data"]["ray"] = _ray_data(dataset, sections)
     record["table"] = table_rows(results)
-    out = args.out or os.path.join(sections.work_dir, Path(args.pipeline).stem, "benchmark.json")
+    from raydet.train import work_dir_of
+    from raydet.workspace import resolve_work_dir
+
+    out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
+           else os.path.join(work_dir_of(cfg, sections), "benchmark.json"))
     return record, out
 
 

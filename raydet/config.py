@@ -26,7 +26,7 @@ import yaml
 
 from .registry import ConfigError, build, build_context, closest, error
 
-__all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "parse_path", "format_path"]
+__all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "parse_path", "format_path", "differences"]
 
 # Top-level keys a pipeline may define. Any other top-level key must be used as a ``${...}`` variable.
 SECTIONS = ("model", "data", "optimizer", "lr_schedule", "train", "evaluation", "hooks", "scaling", "runtime",
@@ -148,6 +148,21 @@ def get_by_path(data, dotted: str, default: Any = _MISSING):
             return default
         walked.append(key)
     return node
+
+
+def differences(a, b, path: str = "") -> list[str]:
+    """Dotted paths where two resolved pipelines (or parts of them at ``path``) differ; a mapping of the same
+    ``type`` on both sides reports its changed keys, anything else the path itself."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.get("type") == b.get("type"):
+        out = []
+        for k in dict.fromkeys([*a, *b]):
+            sub = format_path([path, k]) if path else str(k)
+            if k not in a or k not in b:
+                out.append(sub)
+            else:
+                out.extend(differences(a[k], b[k], sub))
+        return out
+    return [] if a == b else [path]
 
 
 def set_by_path(data, dotted: str, value: Any) -> str:

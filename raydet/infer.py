@@ -595,6 +595,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     from raydet.evaluation.coco import predictions_to_coco_results
     from raydet.registry import build_context
     from raydet.train import init_ray, parse_sections
+    from raydet.workspace import check_shared_storage, cluster_node_count
 
     formats = tuple(dict.fromkeys(formats))
     if not formats or any(f not in FORMATS for f in formats):
@@ -633,6 +634,8 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
         os.makedirs(vis_dir, exist_ok=True)
 
     init_ray()
+    if vis_dir:  # drawn by the actors, on any node
+        check_shared_storage(os.path.abspath(out_dir), "--out", cluster_node_count(), sections.runtime.shared_storage)
     num_actors, gpus_per_actor, cpus_per_actor = _resources(num_actors, gpus_per_actor, cpus_per_actor)
     start = time.perf_counter()
     weights_ref = ray.put({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state["model"].items()})
@@ -730,7 +733,8 @@ def _formats(text: str) -> list[str]:
 def main(argv=None) -> int:
     from raydet.config import load_config
     from raydet.registry import ConfigError
-    from raydet.train import _setup_logging, parse_sections
+    from raydet.train import _setup_logging, parse_sections, work_dir_of
+    from raydet.workspace import resolve_work_dir
 
     parser = argparse.ArgumentParser(
         prog="raydet infer", description="Run a checkpoint on images as a Ray Data batch-inference job.",
@@ -761,7 +765,9 @@ def main(argv=None) -> int:
     _setup_logging()
     try:
         cfg = load_config(args.pipeline, args.set)
-        out = args.out or os.path.join(parse_sections(cfg).work_dir, Path(args.pipeline).stem, "infer")
+        sections = parse_sections(cfg)
+        out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
+               else os.path.join(work_dir_of(cfg, sections), "infer"))
         summary = infer(cfg, args.checkpoint, args.inputs, out, formats=args.format, draw=args.draw,
                         score_thr=args.score_thr, batch_size=args.batch_size, num_actors=args.num_actors,
                         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,

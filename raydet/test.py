@@ -20,7 +20,8 @@ from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
 from raydet.train import (_setup_logging, build_datasets, check_cluster_resources, init_ray, parse_sections, ray_loaders,
-                          resolve_progress, scaling_config, torch_config, worker_setup)
+                          resolve_progress, scaling_config, torch_config, work_dir_of, worker_setup)
+from raydet.workspace import check_shared_storage, cluster_node_count, resolve_work_dir
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
@@ -71,10 +72,13 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     if getattr(sections.data, split) is None:
         raise ConfigError(f"{cfg.path}: data.{split}: the pipeline has no {split} dataset")
     dataset = build_datasets(cfg, sections, splits=(split,))[split]
+    out_dir = os.path.abspath(out_dir) if out_dir else None
+    storage = os.path.join(out_dir or work_dir_of(cfg, sections), "ray")
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
     init_ray()
     check_cluster_resources(sections)
+    check_shared_storage(storage, "--out", cluster_node_count(), sections.runtime.shared_storage)
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
@@ -82,7 +86,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
                            "out_dir": os.path.abspath(out_dir) if out_dir else None},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
-                             storage_path=os.path.abspath(os.path.join(out_dir or "work_dirs", "ray"))))
+                             storage_path=storage))
     result = trainer.fit()
     return (result.return_value or {}).get("metrics", {})
 
@@ -114,7 +118,9 @@ def main(argv=None) -> int:
     _setup_logging()
     try:
         cfg = load_config(args.pipeline, args.set)
-        out = args.out or os.path.join(parse_sections(cfg).work_dir, Path(args.pipeline).stem, "test")
+        sections = parse_sections(cfg)
+        out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
+               else os.path.join(work_dir_of(cfg, sections), "test"))
         metrics = evaluate(cfg, args.checkpoint, split=args.split, out_dir=out)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,10 +1,14 @@
-"""``python -m raydet.train [PIPELINE] [--set k=v ...] [--resume] [--work-dir DIR]``: train a detector on Ray.
+"""``python -m raydet.train [PIPELINE] [--set k=v ...] [--resume [CHECKPOINT]] [--work-dir DIR]``: train a detector on Ray.
 
 The driver loads and checks the pipeline, reads the datasets (so bad annotations fail before any worker starts),
 connects to a Ray cluster (or starts a local one) and runs a Ray Train ``TorchTrainer``. Each worker builds the
 model, wraps it in DDP (NCCL on GPU, gloo on CPU), streams its shard of the images through a Ray Data actor pool
 (decode + augment) and runs the hook-driven ``Runner``. With no pipeline, a small quickstart on a generated
 dataset runs.
+
+Outputs go to a run folder in the work dir (see :mod:`raydet.workspace`: where a relative work dir resolves under
+``ray job submit``, and the layout). ``--resume`` continues the latest checkpoint of the pipeline's runs in the work
+dir, in that checkpoint's run folder; ``--resume PATH`` continues from a given checkpoint.
 """
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ import importlib
 import logging
 import math
 import os
+import signal
 import sys
-import time
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,15 +31,20 @@ import raydet.data  # noqa: F401  (registers the dataset and transform types)
 import raydet.models  # noqa: F401  (registers the model components)
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint
-from raydet.engine.hooks import (CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook,
-                                 ProgressBarHook)
+from raydet.engine.hooks import (CHECKPOINT_SCORE, CheckpointHook, EpochGateHook, EvalHook, LoggerHook, LrSchedulerHook,
+                                 OptimizerHook, ProgressBarHook)
 from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
 from raydet.engine.runner import Runner
 from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
+from raydet.evaluation.metric_names import metric_problem
 from raydet.registry import ConfigError, build, build_context, build_dataclass
+from raydet.workspace import (CHECKPOINT_INFO_FILE, check_shared_storage, checkpoint_record, cluster_node_count,
+                              latest_checkpoint, new_attempt_name, new_run_dir, resolve_work_dir,
+                              schedule_differences)
 
-__all__ = ["main", "build_runner", "TrainSettings", "QUICKSTART", "parse_sections", "train_loop_per_worker"]
+__all__ = ["main", "build_runner", "TrainSettings", "QUICKSTART", "parse_sections", "train_loop_per_worker", "fit",
+           "prepare_run", "RunPlan", "work_dir_of"]
 
 log = logging.getLogger("raydet")
 
@@ -83,8 +93,8 @@ class CheckpointSettings:
     """``checkpoint:`` section."""
 
     interval: int = 1
-    num_to_keep: int | None = 3
-    score_attribute: str | None = None   # e.g. bbox/AP: Ray keeps the best by it
+    num_to_keep: int | None = 3          # Ray keeps this many, and always the latest (resume needs it)
+    score_attribute: str | None = None   # e.g. bbox/AP: the kept ones are the best evaluated ones by it
     score_order: str = "max"
 
 
@@ -97,6 +107,9 @@ class RuntimeSettings:
     progress: bool | str = "auto"        # progress bars with ETA on rank 0: true, false, or auto (when the
                                          # command's stderr is a terminal; not in log files or ray job logs)
     imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
+    work_root: str | None = None         # where a relative work_dir resolves (else $RAYDET_WORK_ROOT; under a Ray
+                                         # job ~/raydet_runs; else the current directory): see raydet.workspace
+    shared_storage: bool = False         # declare the work dir shared by all nodes (a mount raydet does not know)
 
 
 @dataclass
@@ -137,10 +150,16 @@ def parse_sections(cfg: Config) -> Sections:
             seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
         for key, value, allowed in (("train.amp", sections.train.amp, (None, "fp16", "bf16")),
                                     ("runtime.progress", sections.runtime.progress, (True, False, "auto")),
-                                    ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip"))):
+                                    ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip")),
+                                    ("checkpoint.score_order", sections.checkpoint.score_order, ("max", "min"))):
             if value not in allowed:
                 raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
                                   f"{', '.join(map(str, allowed))}, got {value!r}")
+        score = sections.checkpoint.score_attribute
+        problem = metric_problem(score, sections) if score else None
+        if problem:
+            key = "checkpoint.score_attribute"
+            raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: {problem}")
     for module in sections.runtime.imports:
         importlib.import_module(module)
     return sections
@@ -211,7 +230,8 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
     hooks = [LrSchedulerHook(lr, schedule),
              OptimizerHook(opt_cfg.grad_clip, fp16_scaler=sections.train.amp == "fp16",
                            nonfinite=sections.train.nonfinite_loss, device=torch.device(device).type),
-             CheckpointHook(sections.checkpoint.interval),
+             CheckpointHook(sections.checkpoint.interval, sections.checkpoint.score_attribute,
+                            sections.checkpoint.score_order),
              LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
     if sections.runtime.progress is True:  # fit() / evaluate() resolve "auto" on the driver
         hooks.append(ProgressBarHook())
@@ -309,7 +329,9 @@ def worker_setup(config: dict):
 
 
 def train_loop_per_worker(config: dict) -> dict:
-    """Ray Train worker entry point: config carries the resolved pipeline and an object ref to the datasets."""
+    """Ray Train worker entry point: config carries the resolved pipeline, an object ref to the datasets, the run
+    folder, and the checkpoint to resume from (None for a new run)."""
+    import json
     import tempfile
 
     import ray
@@ -328,17 +350,33 @@ def train_loop_per_worker(config: dict) -> dict:
 
         tmp = tempfile.mkdtemp(prefix="raydet-ckpt-")
         save_checkpoint(state, os.path.join(tmp, CHECKPOINT_FILE))
+        with open(os.path.join(tmp, CHECKPOINT_INFO_FILE), "w") as f:  # what it is, readable without loading it
+            json.dump({"epoch": metrics.get("epoch"), "iter": metrics.get("iter"), "metrics": metrics}, f)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
+    run_dir = config["run_dir"]
+    gate = [EpochGateHook(config["gate_dir"])] if config.get("gate_dir") else []
     wrap = ray.train.torch.prepare_model if world > 1 or device.type == "cuda" else None
     runner = build_runner(cfg, datasets, device=device, rank=rank, world_size=world, report=report,
-                          work_dir=config["work_dir"] if rank == 0 else None, wrap_model=wrap, sections=sections)
+                          work_dir=run_dir if rank == 0 else None, wrap_model=wrap, sections=sections,
+                          extra_hooks=gate)
     runner.train_loader, runner.val_loader = ray_loaders(datasets, sections, rank, world, runner.iters_per_epoch)
+    # a restart of this command's worker group (scaling.max_failures) continues from Ray's latest checkpoint; the
+    # command's first start from the checkpoint it was asked to resume
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            runner.load_state_dict(load_checkpoint(d, map_location=device), source=str(d))
-        log.info("resumed from %s at epoch %d (iteration %d)", checkpoint.path, runner.epoch, runner.iter)
+    source = checkpoint.path if checkpoint is not None else config.get("resume_from")
+    if source is not None:
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                state = load_checkpoint(d, map_location=device)
+        else:
+            state = load_checkpoint(source, map_location=device)
+        runner.load_state_dict(state, source=str(source))
+        log.info("resumed from %s at epoch %d (iteration %d)", source, runner.epoch, runner.iter)
+        if rank == 0:
+            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps({"mode": "resume", "epoch": runner.epoch, "iter": runner.iter,
+                                    "checkpoint": str(source)}) + "\n")
     runner.run()
     return {"metrics": runner.metrics, "epoch": runner.epoch, "iter": runner.iter}
 
@@ -427,16 +465,97 @@ def torch_config(sections: Sections):
     return TorchConfig(backend="nccl" if sections.scaling.use_gpu else "gloo")
 
 
-def run_name(pipeline: Path, resume: bool) -> str:
-    """Resumable runs need a stable name (Ray finds the snapshot by it); fresh runs get a unique one."""
-    return pipeline.stem if resume else f"{pipeline.stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+def work_dir_of(cfg: Config, sections: Sections, work_dir: str | None = None, key: str = "--work-dir") -> str:
+    """The command's work dir: ``work_dir`` (``--work-dir``) if given, else ``<pipeline work_dir>/<pipeline name>``,
+    resolved by :func:`raydet.workspace.resolve_work_dir` (never inside a folder Ray deletes)."""
+    if work_dir is None:
+        work_dir, key = os.path.join(sections.work_dir, Path(cfg.path or "pipeline").stem), "work_dir"
+    return resolve_work_dir(work_dir, work_root=sections.runtime.work_root, key=key)
 
 
-def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = None, callbacks=()):
-    """Run the pipeline's training on Ray Train; returns rank 0's final ``{"metrics", "epoch", "iter"}``.
+@dataclass
+class RunPlan:
+    """Where a training command writes (``run_dir``) and what it continues from (``resume_from``, a checkpoint
+    file, or None for a new run); ``note`` says which, for the console."""
 
-    ``callbacks``: Ray Train ``UserCallback`` objects for the run (``raydet.tune`` passes Tune's
-    ``TuneReportCallback`` so every epoch's report reaches the study).
+    work_dir: str
+    run_dir: str
+    resume_from: str | None
+    note: str
+
+
+def prepare_run(work_dir: str, resume: bool | str = False) -> RunPlan:
+    """The run folder and checkpoint for ``--resume`` (True: the latest checkpoint of the runs in ``work_dir``;
+    a path: that checkpoint file or Ray checkpoint folder; False: none).
+
+    A resumed run continues in the run folder its checkpoint belongs to (its log goes on); a checkpoint from
+    elsewhere (a file outside any run folder) starts a new run folder. With ``--resume`` and no checkpoint in the
+    work dir, a new run starts, and the note says so.
+
+    Raises:
+        FileNotFoundError: ``resume`` names a checkpoint that does not exist.
+    """
+    if resume is True:
+        record = latest_checkpoint(work_dir)
+        if record is None:
+            run_dir = new_run_dir(work_dir)
+            return RunPlan(work_dir, run_dir, None, f"--resume: no checkpoint found in {work_dir}; starting a new "
+                                                   f"run in {run_dir}")
+    elif resume:
+        record = checkpoint_record(resume)
+    else:
+        run_dir = new_run_dir(work_dir)
+        return RunPlan(work_dir, run_dir, None, f"new run in {run_dir}")
+    run_dir = record.run_dir or new_run_dir(work_dir)
+    at = f" (epoch {record.epoch}, iteration {record.iter})" if record.epoch is not None else ""
+    return RunPlan(work_dir, run_dir, record.path,
+                   f"resuming run {run_dir} from checkpoint {record.path}{at}")
+
+
+def check_resume(cfg: Config, checkpoint: str, allow_changes: bool) -> None:
+    """Refuse to resume ``checkpoint`` with a pipeline that differs from its own in keys that change the model or
+    the schedule (:data:`raydet.workspace.SCHEDULE_KEYS`), naming them, unless ``allow_changes``.
+
+    Raises:
+        ConfigError: naming the checkpoint and the differing keys.
+    """
+    import yaml
+
+    state = load_checkpoint(checkpoint, mmap=True)
+    text = (state.get("meta") or {}).get("pipeline")
+    if not text:
+        return
+    changed = schedule_differences(yaml.safe_load(text) or {}, cfg.data)
+    if not changed:
+        return
+    message = (f"--resume: the pipeline differs from the one checkpoint {checkpoint} was trained with, in "
+               f"{', '.join(changed[:8])}" + (f" and {len(changed) - 8} more" if len(changed) > 8 else ""))
+    if not allow_changes:
+        raise ConfigError(message + "; continue anyway with --allow-changes, or start a new run without --resume")
+    log.warning("%s; continuing (--allow-changes)", message)
+
+
+_STORAGE_FAILURE = "Unable to set up cluster storage"
+
+
+def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=(), gate_dir: str | None = None,
+        allow_changes: bool = False):
+    """Run the pipeline's training on Ray Train, writing into ``run_dir``; returns Ray Train's ``Result`` (rank 0's
+    final ``{"metrics", "epoch", "iter"}`` in ``return_value``).
+
+    Args:
+        run_dir: the run folder (``log.jsonl``, ``curves.png``, ``tb/``, ``pipeline.yaml``, ``ray/<attempt>/``
+            checkpoints); see :func:`prepare_run`.
+        resume_from: a checkpoint to continue from (model, optimizer, scaler, epoch, iteration, RNG).
+        callbacks: Ray Train ``UserCallback`` objects for the run (``raydet.tune`` passes Tune's
+            ``TuneReportCallback`` so every epoch's report reaches the study).
+        gate_dir: with :class:`~raydet.engine.hooks.EpochGateHook`, each epoch but the last waits for a decision
+            file in this folder (``raydet tune``).
+        allow_changes: resume even when the pipeline's model or schedule keys differ from the checkpoint's.
+
+    Raises:
+        ConfigError: a bad pipeline, a cluster that cannot run it, a run folder other nodes cannot reach, or a
+            resume with changed keys.
     """
     import ray
     import ray.train
@@ -446,23 +565,66 @@ def fit(cfg: Config, *, work_dir: str, resume: bool = False, name: str | None = 
     sections = parse_sections(cfg)
     cfg = resolve_progress(cfg)
     cfg.build("model")  # fail on a bad model section before any worker starts
+    if resume_from is not None:
+        check_resume(cfg, resume_from, allow_changes)
     datasets = build_datasets(cfg, sections)
     init_ray()
     check_cluster_resources(sections)
+    run_dir = os.path.abspath(run_dir)
+    check_shared_storage(run_dir, "work_dir", cluster_node_count(), sections.runtime.shared_storage)
+    os.makedirs(run_dir, exist_ok=True)
+    cfg.dump(os.path.join(run_dir, "pipeline.yaml"))
     ck = sections.checkpoint
     run_config = RunConfig(
-        name=name or run_name(Path(cfg.path), resume), storage_path=os.path.abspath(os.path.join(work_dir, "ray")),
+        name=new_attempt_name(), storage_path=os.path.join(run_dir, "ray"),
         failure_config=FailureConfig(max_failures=sections.scaling.max_failures), callbacks=list(callbacks),
-        checkpoint_config=CheckpointConfig(num_to_keep=ck.num_to_keep, checkpoint_score_attribute=ck.score_attribute,
-                                           checkpoint_score_order=ck.score_order))
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=ck.num_to_keep, checkpoint_score_order=ck.score_order,
+            checkpoint_score_attribute=CHECKPOINT_SCORE if ck.score_attribute else None))
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
-                           "datasets": [ray.put(datasets)], "work_dir": os.path.abspath(work_dir)},
+                           "datasets": [ray.put(datasets)], "run_dir": run_dir,
+                           "resume_from": os.path.abspath(resume_from) if resume_from else None,
+                           "gate_dir": gate_dir},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=run_config)
-    result = trainer.fit()
-    return result
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous_sigint = signal.getsignal(signal.SIGINT) if on_main_thread else None
+    try:
+        return trainer.fit()
+    except SystemExit:
+        # Ctrl-C: Ray Train's SIGINT handler aborts the run (workers stopped; the checkpoints already written stay)
+        # and exits; the command reports it as an interrupt
+        raise KeyboardInterrupt from None
+    except Exception as exc:
+        if _STORAGE_FAILURE in str(exc) or any(_STORAGE_FAILURE in str(e) for e in _chain(exc)):
+            raise ConfigError(f"work_dir: {run_dir}: Ray Train's workers cannot reach it from every node; set "
+                              f"runtime.work_root or RAYDET_WORK_ROOT (or work_dir) to storage every node mounts "
+                              f"(NFS, EFS, Filestore)") from None
+        raise
+    finally:
+        if on_main_thread:  # Ray Train leaves its handler installed
+            signal.signal(signal.SIGINT, previous_sigint)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        out.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _discard_if_empty(plan: RunPlan | None) -> None:
+    """A new run folder that a failed start left empty goes (a folder with anything in it stays)."""
+    if plan is None or plan.resume_from is not None:
+        return
+    try:
+        os.rmdir(plan.run_dir)
+    except OSError:  # not empty, or already gone
+        pass
 
 
 def main(argv=None) -> int:
@@ -472,20 +634,38 @@ def main(argv=None) -> int:
     parser.add_argument("pipeline", nargs="?", default=None, help="pipeline YAML (default: the quickstart)")
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                         help="override pipeline keys, values parsed as YAML")
-    parser.add_argument("--resume", action="store_true", help="continue the run of this pipeline from its last checkpoint")
-    parser.add_argument("--work-dir", default=None, help="logs, checkpoints and results (default: pipeline's work_dir)")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue the latest checkpoint of this pipeline's runs in the work dir (or the given "
+                             "checkpoint file / folder); with none found, a new run starts")
+    parser.add_argument("--allow-changes", action="store_true",
+                        help="resume even if the pipeline's model or schedule keys differ from the checkpoint's")
+    parser.add_argument("--work-dir", default=None,
+                        help="folder of this pipeline's runs (default: <pipeline work_dir>/<pipeline name>)")
     args = parser.parse_args(argv)
+    if isinstance(args.resume, str) and args.resume.endswith((".yaml", ".yml")) and args.pipeline is None:
+        args.pipeline, args.resume = args.resume, True  # `--resume PIPELINE.yaml`: the flag, then the pipeline
     _setup_logging()
     pipeline = Path(args.pipeline) if args.pipeline else QUICKSTART
+    plan = None
     try:
         cfg = load_config(pipeline, args.set)
         sections = parse_sections(cfg)
-        work_dir = args.work_dir or os.path.join(sections.work_dir, pipeline.stem)
-        result = fit(cfg, work_dir=work_dir, resume=args.resume)
+        plan = prepare_run(work_dir_of(cfg, sections, args.work_dir), args.resume)
+        log.info("raydet: %s", plan.note)
+        result = fit(cfg, run_dir=plan.run_dir, resume_from=plan.resume_from, allow_changes=args.allow_changes)
+    except KeyboardInterrupt:
+        _discard_if_empty(plan)
+        where = f" in {plan.run_dir}" if plan and os.path.isdir(plan.run_dir) else ""
+        print(f"\nraydet: interrupted; the checkpoints written so far are kept{where}. Continue with: "
+              f"python -m raydet.train {pipeline} --resume" + (f" --work-dir {plan.work_dir}" if args.work_dir else ""),
+              file=sys.stderr)
+        return 130
     except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _discard_if_empty(plan)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # the run failed inside Ray: show our own error (image, loss, checkpoint), not Ray's
+        _discard_if_empty(plan)
         cause = find_user_error(exc)
         if cause is None:
             raise
@@ -493,7 +673,7 @@ def main(argv=None) -> int:
         return 1
     out = result.return_value or {}
     metrics = out.get("metrics") or {}
-    print(f"\nraydet: trained {out.get('epoch')} epochs ({out.get('iter')} iterations); work dir {work_dir}")
+    print(f"\nraydet: trained {out.get('epoch')} epochs ({out.get('iter')} iterations); run folder {plan.run_dir}")
     if metrics:
         print(format_coco_table(metrics) if any(k.split("/")[0] in ("bbox", "segm") for k in metrics)
               else "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))

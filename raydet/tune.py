@@ -29,10 +29,16 @@ the pipeline and built.
 Each trial is a small driver (``ray.tune.with_resources(driver, {"cpu": driver_cpus})``) that builds the trial's
 pipeline and runs :func:`raydet.train.fit` (a Ray Train ``TorchTrainer`` running raydet's own worker loop) with
 Tune's ``TuneReportCallback``: every epoch's report (``epoch``, ``iter``, ``train/...`` and the evaluation metrics)
-reaches Tune. The inner run is named after the trial id, so a trial restarted by ``--resume`` continues from its
-last checkpoint. With ASHA, ``evaluation.interval`` is set to 1 so that every report ASHA sees carries the study
+reaches Tune. Each trial trains in its own run folder; a trial restarted by ``--resume`` continues from the latest
+checkpoint there. With ASHA, ``evaluation.interval`` is set to 1 so that every report ASHA sees carries the study
 metric (ASHA compares trials at epochs ``grace_period * reduction_factor**k``); with FIFO the pipeline's interval
 is kept (the last epoch always evaluates) and only the final report matters.
+
+When Tune stops a trial at one of its reports (ASHA at a rung), raydet guarantees: the trial trains no iteration past the epoch
+whose report Tune stopped it at (each epoch but the last waits for Tune's decision on its report before the next
+one starts); its result in the study is that epoch's; its checkpoint of that epoch (when ``checkpoint.interval``
+writes one then) is the last it writes and is kept; and its Ray Train workers and their resources are released, so
+the next trials start.
 
 The study lives in ``<work_dir>/tune/<space name>/``: Ray Tune's state, ``runs/<trial id>/`` (the trial's
 ``pipeline.yaml``, ``log.jsonl``, ``starts.jsonl`` and Ray Train checkpoints), and at the end ``results.csv``,
@@ -59,9 +65,11 @@ from typing import Any
 
 import yaml
 
-from raydet.config import (_FLOAT_EXP, Config, _apply_override, _parse_yaml, format_path, get_by_path, load_config,
-                           parse_path)
+from raydet.config import (_FLOAT_EXP, Config, _apply_override, _parse_yaml, differences, format_path, get_by_path,
+                           load_config, parse_path)
+from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
 from raydet.registry import ConfigError, build_context, closest
+from raydet.workspace import check_shared_storage, cluster_node_count, latest_checkpoint, resolve_work_dir
 
 __all__ = ["SPACE_KEYS", "DISTRIBUTIONS", "Dimension", "Space", "load_space", "validate_space", "base_overrides",
            "fragment_overrides", "trial_config", "build_scheduler", "run_study", "trial_driver", "write_report",
@@ -76,14 +84,6 @@ RESOURCE_KEYS = ("num_workers", "use_gpu", "cpus_per_worker", "gpus_per_worker",
 SCHEDULERS = {"fifo": (), "asha": ("grace_period", "reduction_factor", "max_t")}
 DEFAULT_DRIVER_CPUS = 0.5
 STUDY_FILE = "study.json"
-
-# The metrics raydet's evaluation reports, and the evaluation.metric entry that produces each.
-_COCO_METRIC = re.compile(r"(bbox|segm)/(AP|AP50|AP75|APs|APm|APl)")
-_PROPOSAL_METRIC = re.compile(r"proposal/AR@(\d+)")
-_TRAIN_METRIC = re.compile(r"train/loss(_\w+)?")
-METRIC_FORMS = ("bbox/AP", "bbox/AP50", "bbox/AP75", "bbox/APs", "bbox/APm", "bbox/APl", "segm/AP...",
-                "proposal/AR@N", "voc/mAP", "train/loss", "train/loss_<term>")
-
 
 # --------------------------------------------------------------------------------------------------- the space
 @dataclass
@@ -437,47 +437,6 @@ def trial_config(base: Config, dims: list[Dimension], config: dict) -> Config:
 
 
 # --------------------------------------------------------------------------------------------------- checks
-def _metric_problem(metric: str, sections) -> str | None:
-    """Why the pipeline cannot report ``metric``, or None."""
-    ev = sections.evaluation
-    if _TRAIN_METRIC.fullmatch(metric):
-        return None
-    m = _COCO_METRIC.fullmatch(metric)
-    p = _PROPOSAL_METRIC.fullmatch(metric)
-    if m:
-        needed = m.group(1)
-    elif p:
-        needed = "proposal"
-    elif metric == "voc/mAP":
-        needed = "voc_map"
-    else:
-        return (f"'{metric}' is not a metric raydet reports{closest(metric, METRIC_FORMS)} "
-                f"(forms: {', '.join(METRIC_FORMS)})")
-    if sections.data.val is None:
-        return f"'{metric}' comes from the evaluation, but the pipeline has no data.val to evaluate on"
-    if needed not in ev.metric:
-        return (f"'{metric}' needs '{needed}' in the pipeline's evaluation.metric, which is {ev.metric} "
-                f"(add it with set: ['evaluation.metric=[{', '.join([*ev.metric, needed])}]'])")
-    if p and int(p.group(1)) not in ev.proposal_nums:
-        return (f"'{metric}': {p.group(1)} is not in the pipeline's evaluation.proposal_nums "
-                f"{ev.proposal_nums}")
-    return None
-
-
-def _differences(a, b, path: str = "") -> list[str]:
-    """Paths where two resolved pipelines differ (a changed mapping reports its changed keys)."""
-    if isinstance(a, dict) and isinstance(b, dict) and a.get("type") == b.get("type"):
-        out = []
-        for k in dict.fromkeys([*a, *b]):
-            sub = format_path([path, k]) if path else str(k)
-            if k not in a or k not in b:
-                out.append(sub)
-            else:
-                out.extend(_differences(a[k], b[k], sub))
-        return out
-    return [] if a == b else [path]
-
-
 _DATASET_PIPELINE = re.compile(r"data\.(train|val|test)\.pipeline(\[\d+\])?")
 
 
@@ -529,7 +488,7 @@ def validate_space(space: Space, build_models: bool = True) -> Config:
 
     base = load_base(space)
     sections = _check_sections(base)
-    problem = _metric_problem(space.metric, sections)
+    problem = metric_problem(space.metric, sections)
     if problem:
         raise _err(space.path, "metric", problem)
     t0 = time.perf_counter()
@@ -552,7 +511,7 @@ def validate_space(space: Space, build_models: bool = True) -> Config:
                 cfg = base.with_overrides(fragment_overrides(raw, dim.key, value))
                 _check_sections(cfg)
                 if build_models:
-                    for path in _differences(base.data, cfg.data):
+                    for path in differences(base.data, cfg.data):
                         _check_changed(cfg, path)
                     if i == 0 or small:
                         cfg.build("model")
@@ -639,7 +598,20 @@ except ImportError:  # another Ray version: trials that Tune stops early rely on
 
 
 class _StopTrainOnCleanup:
-    """Mixin of the trial's Tune trainable (see above)."""
+    """Mixin of the trial's Tune trainable (see above). It also tells the trial's workers Tune's decision on each
+    epoch's result: Tune asks the trainable for its next result (``step``) only once it has decided to continue
+    the trial, so ``step`` first writes ``continue_<epoch>`` for the epoch it returned last; the workers'
+    :class:`~raydet.engine.hooks.EpochGateHook` waits for that file (or the stop file) before the next epoch."""
+
+    _raydet_last_epoch = None
+
+    def step(self):
+        run = dict(_CURRENT_RUN)
+        if self._raydet_last_epoch is not None and run.get("gate_dir"):
+            Path(run["gate_dir"], f"continue_{int(self._raydet_last_epoch)}").touch()
+        result = super().step()
+        self._raydet_last_epoch = result.get("epoch") if isinstance(result, dict) else None
+        return result
 
     def cleanup(self):
         run = dict(_CURRENT_RUN)
@@ -728,8 +700,10 @@ class StudyProgress(_TuneCallback):
 
 
 def trial_driver(config: dict, study: dict) -> None:
-    """One trial (runs as a Ray Tune function trainable): build the trial's pipeline and train it with Ray Train,
-    forwarding every report to Tune. The inner run is named after the trial id, so a restarted trial resumes."""
+    """One trial (runs as a Ray Tune function trainable): build the trial's pipeline and train it with Ray Train in
+    the run folder ``runs/<trial id>``, forwarding every report to Tune. A trial started again (``--resume``)
+    continues from the latest checkpoint in its run folder. Each epoch but the last waits for Tune's decision
+    (see :class:`_StopTrainOnCleanup`)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -744,18 +718,20 @@ def trial_driver(config: dict, study: dict) -> None:
     run_dir = os.path.join(study["dir"], "runs", trial_id)
     os.makedirs(run_dir, exist_ok=True)
     stop_file = os.path.join(run_dir, STOP_FILE)
-    if os.path.exists(stop_file):  # left by an earlier, interrupted start of this trial
-        os.remove(stop_file)
-    resumed = os.path.isdir(os.path.join(run_dir, "ray", trial_id))
+    for stale in [stop_file, *Path(run_dir).glob("continue_*")]:  # left by an earlier, interrupted start of it
+        if os.path.exists(stale):
+            os.remove(stale)
+    latest = latest_checkpoint(run_dir)  # a trial restarted by --resume continues from its last checkpoint
     with open(os.path.join(run_dir, "starts.jsonl"), "a") as f:
         f.write(json.dumps({"time": datetime.datetime.now().isoformat(timespec="seconds"),
-                            "resumed": resumed}) + "\n")
-    cfg.dump(os.path.join(run_dir, "pipeline.yaml"))
+                            "resumed": latest is not None,
+                            "checkpoint": latest.path if latest else None}) + "\n")
     callbacks = [TuneReportCallback()] + ([AbortOnStopFile(stop_file)] if AbortOnStopFile is not None else [])
     done = threading.Event()
-    _CURRENT_RUN.update(stop_file=stop_file, done=done)
+    _CURRENT_RUN.update(stop_file=stop_file, done=done, gate_dir=run_dir)
     try:
-        fit(cfg, work_dir=run_dir, name=trial_id, callbacks=callbacks)
+        fit(cfg, run_dir=run_dir, resume_from=latest.path if latest else None, callbacks=callbacks,
+            gate_dir=run_dir)
     except Exception:
         if os.path.exists(stop_file):  # aborted because Tune stopped the trial: not an error
             log.info("trial %s stopped by the scheduler", trial_id)
@@ -769,9 +745,11 @@ trial_driver.__mixins__ = (_StopTrainOnCleanup,)
 
 
 def study_dir(space: Space, base: Config, work_dir: str | None) -> str:
-    """``<work_dir>/tune/<space name>`` (work_dir: --work-dir, else the pipeline's ``work_dir``)."""
-    root = work_dir or str(base.get("work_dir", "work_dirs/"))
-    return os.path.abspath(os.path.join(root, "tune", space.name))
+    """``<work_dir>/tune/<space name>`` (work_dir: --work-dir, else the pipeline's ``work_dir``), resolved like a
+    training run's work dir (:func:`raydet.workspace.resolve_work_dir`: never inside a folder Ray deletes)."""
+    root = os.path.join(work_dir or str(base.get("work_dir", "work_dirs/")), "tune", space.name)
+    return resolve_work_dir(root, work_root=base.get("runtime.work_root"),
+                            key="--work-dir" if work_dir else "work_dir")
 
 
 def _study_record(space: Space) -> dict:
@@ -792,6 +770,7 @@ def run_study(space: Space, *, work_dir: str | None = None, resume: bool = False
         raise ConfigError(f"{space.path}: a study already exists in {folder}: continue it with --resume, or "
                           f"remove the folder or choose another --work-dir")
     init_ray()
+    check_shared_storage(folder, "work_dir", cluster_node_count(), bool(base.get("runtime.shared_storage", False)))
     concurrent = _concurrency(space, base)
     scheduler = build_scheduler(space, base)
     study = {"pipeline": os.path.abspath(space.pipeline), "overrides": list(base._source[3]), "dir": folder,
@@ -825,7 +804,7 @@ def run_study(space: Space, *, work_dir: str | None = None, resume: bool = False
 def _report_metric(key: str) -> bool:
     if key.startswith(("bbox/", "segm/")):
         return not key.split("/", 1)[1].startswith("AP_")
-    return key.startswith("proposal/AR@") or key == "voc/mAP" or bool(_TRAIN_METRIC.fullmatch(key))
+    return key.startswith("proposal/AR@") or key == "voc/mAP" or bool(TRAIN_METRIC.fullmatch(key))
 
 
 def collect_rows(space: Space, base: Config, grid) -> list[dict]:

@@ -7,8 +7,15 @@ once and shut down at the end.
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def pytest_configure(config):
@@ -22,9 +29,13 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     started = False
     if not ray.is_initialized():
-        # cpu_node: the custom resource of the CPU-only node types in clusters/ (placement tests)
-        ray.init(num_cpus=2, resources={"cpu_node": 2}, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+        # cpu_node: the custom resource of the CPU-only node types in clusters/ (placement tests).
+        # dashboard_port: with no dashboard Ray still publishes <host>:<dashboard_port> (8265 unless given) as its
+        # State API address, and Ray Train's PlacementGroupCleaner asks it whether a run's controller is alive; a
+        # dashboard of another Ray instance there answers "no such actor" and the run's workers are removed
+        # mid-run. A free port of our own cannot answer for another instance.
+        ray.init(num_cpus=2, resources={"cpu_node": 2}, include_dashboard=False, dashboard_port=_free_port(),
+                 log_to_driver=False, configure_logging=False)
         started = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
@@ -32,3 +43,34 @@ def ray_session():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def worker_hooks(ray_session, monkeypatch) -> str:
+    """The module name under which Ray's workers import ``tests/_worker_hooks.py`` (test hooks loaded through
+    ``runtime.imports``), made importable in this process too.
+
+    Ray puts the directory the session started Ray from on its workers' path (not pytest's ``tests/`` entry): the
+    module is ``tests._worker_hooks`` from the repository root, ``_worker_hooks`` from ``tests/``."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    names = ["tests._worker_hooks", "_worker_hooks"]
+
+    @ray_session.remote(num_cpus=0)
+    def importable(candidates):
+        import importlib
+
+        for name in candidates:
+            try:
+                importlib.import_module(name)
+                return name
+            except ImportError:
+                continue
+        return None
+
+    name = ray_session.get(importable.remote(names), timeout=300)
+    if name is None:
+        pytest.fail(f"Ray's workers can import neither of {names}: start pytest from the repository root")
+    monkeypatch.syspath_prepend(str(root if name.startswith("tests.") else root / "tests"))
+    return name

@@ -408,3 +408,32 @@ def test_cluster_declares_and_fits_the_pipelines_placement(name):
             assert nt["resources"].get("GPU", 0) > 0, (name, type_name)
         if _fits(nt["resources"], actor) and nt["max_workers"]:
             assert nt["resources"].get("GPU", 0) == 0, (name, type_name)
+
+
+# ------------------------------------------------------------------------------------------ where runs go
+WORK_ROOT = "/mnt/shared/raydet_runs"
+
+
+@pytest.mark.parametrize("name", list(LAUNCHERS))
+def test_launcher_nodes_put_relative_work_dirs_on_the_shared_mount(name):
+    """Every `ray start` (head and workers) exports RAYDET_WORK_ROOT on the mount that every node has, so a job's
+    relative work_dir resolves to shared, persistent storage (not the job's package folder)."""
+    from raydet.workspace import WORK_ROOT_ENV
+
+    config = raw(name)
+    setup = " ; ".join(config["setup_commands"])
+    assert "/mnt/shared" in setup and "mount" in setup  # the mount the root lies on
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in config[key] if "ray start" in c)
+        assert re.search(rf"export {WORK_ROOT_ENV}={re.escape(WORK_ROOT)};\s*ray start", start), (key, start)
+
+
+@pytest.mark.parametrize("name", ["kuberay/raycluster.yaml", "kuberay/rayjob.yaml"])
+def test_kuberay_pods_put_relative_work_dirs_on_the_shared_volume(name):
+    from raydet.workspace import WORK_ROOT_ENV
+
+    for group, container in all_containers(ray_cluster_spec(name)):
+        env = {e["name"]: e["value"] for e in container.get("env", [])}
+        assert env.get(WORK_ROOT_ENV) == WORK_ROOT, group
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert any(WORK_ROOT.startswith(m + "/") for m in mounts), (group, mounts)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -207,6 +208,74 @@ def test_each_epoch_report_carries_that_epochs_mean_losses():
     # w: 0 -> 0.2 -> 0.36 -> 0.488; loss (w - 1)^2 before each step: 1, 0.64 | 0.4096, 0.262144
     assert reports[0]["train/loss_toy"] == pytest.approx((1 + 0.64) / 2)
     assert reports[1]["train/loss_toy"] == pytest.approx((0.4096 + 0.262144) / 2)
+
+
+class FakeEval(Hook):
+    """Evaluates (sets metrics like EvalHook: after the epoch's training, before the checkpoint report) at the
+    given 1-based epochs, with bbox/AP50 = the value listed for that epoch."""
+
+    priority = 40
+
+    def __init__(self, values: dict):
+        self.values = values
+
+    def after_train_epoch(self, runner):
+        if runner.epoch + 1 in self.values:
+            runner.metrics = {"bbox/AP50": self.values[runner.epoch + 1]}
+            runner.eval_epoch = runner.epoch
+
+
+@pytest.mark.parametrize("order, worst", [("max", -float("inf")), ("min", float("inf"))])
+def test_reports_of_epochs_without_evaluation_carry_no_stale_metric_and_the_worst_score(order, worst):
+    from raydet.engine.hooks import CHECKPOINT_SCORE, CheckpointHook
+
+    reports = []
+    batches = [{"scale": torch.tensor(1.0), "img_metas": [{}]}]
+    model = ToyDetector()
+    runner = Runner(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=lambda e: batches,
+                    val_loader=None, max_epochs=4, report=lambda m, state: reports.append((m, state)),
+                    hooks=[OptimizerHook(), FakeEval({2: 0.5, 4: 0.25}),
+                           CheckpointHook(interval=2, score_attribute="bbox/AP50", score_order=order)])
+    runner.run()
+    metrics = [m for m, _ in reports]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+    assert [m.get("bbox/AP50") for m in metrics] == [None, 0.5, None, 0.25]   # epoch 3 does not repeat epoch 2's
+    assert [m[CHECKPOINT_SCORE] for m in metrics] == [worst, 0.5, worst, 0.25]
+    assert [state is not None for _, state in reports] == [False, True, False, True]  # interval 2
+    with pytest.raises(ValueError, match="score_order must be max or min"):
+        CheckpointHook(score_order="best")
+
+
+def test_the_epoch_gate_waits_for_a_decision_and_stops_on_the_stop_file(tmp_path):
+    import threading
+
+    from raydet.engine.hooks import EpochGateHook
+
+    batches = [{"scale": torch.tensor(1.0), "img_metas": [{}]}]
+    epochs_started = []
+
+    class Started(Hook):
+        def before_train_epoch(self, runner):
+            epochs_started.append(runner.epoch + 1)
+
+    model = ToyDetector()
+    runner = Runner(model, torch.optim.SGD(model.parameters(), lr=0.1), train_loader=lambda e: batches,
+                    val_loader=None, max_epochs=5, hooks=[OptimizerHook(), Started(), EpochGateHook(str(tmp_path))])
+    thread = threading.Thread(target=runner.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while epochs_started != [1] or not thread.is_alive():  # epoch 1 done, waiting at the gate
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert epochs_started == [1] and runner.iter == 1   # no decision yet: epoch 2 has not started
+    (tmp_path / "continue_1").touch()
+    while epochs_started != [1, 2]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    (tmp_path / "stop_requested").touch()
+    thread.join(timeout=60)
+    assert not thread.is_alive() and epochs_started == [1, 2] and runner.epoch == 2 and runner.iter == 2
 
 
 # ------------------------------------------------------------------------------------------- mixed precision

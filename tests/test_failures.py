@@ -19,6 +19,11 @@ QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
 
 
 # ----------------------------------------------------------------------------------------------- worker loss
+# Every wait below polls for the event it needs, up to this long, and fails saying which event never came: a busy
+# machine makes the run slower, never different.
+EVENT_TIMEOUT_S = 300.0
+
+
 def _train_workers() -> list:
     """The Ray Train worker processes on this host (Ray titles actor processes ``ray::<Class>...``)."""
     import psutil
@@ -33,47 +38,107 @@ def _train_workers() -> list:
     return found
 
 
-def _kill_when(log_file: Path, epoch: int, killed: list, timeout_s: float = 300.0) -> None:
-    """Once ``log_file`` has a training record of ``epoch``, SIGKILL the training worker(s) (mid-epoch)."""
+def _wait_for(condition, what: str, timeout_s: float = EVENT_TIMEOUT_S, stop: threading.Event | None = None,
+              poll_s: float = 0.05):
+    """Poll ``condition()`` until it returns something true (returned); raise AssertionError saying ``what`` never
+    happened after ``timeout_s``, or as soon as ``stop`` is set (nothing left to wait for)."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if log_file.exists():
-            records = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-            if any(r["mode"] == "train" and r["epoch"] == epoch for r in records):
-                for proc in _train_workers():
-                    proc.send_signal(signal.SIGKILL)
-                    killed.append(proc.pid)
-                return
-        time.sleep(0.05)
+    while True:
+        value = condition()
+        if value:
+            return value
+        if stop is not None and stop.is_set():
+            raise AssertionError(f"{what} (the run ended first)")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} (waited {timeout_s:.0f} s)")
+        time.sleep(poll_s)
 
 
-def test_a_killed_worker_restarts_from_the_last_checkpoint_and_finishes(ray_session, tmp_path):
+def _kill_paused_worker(marker: Path, registered: Path, release: Path, outcome: dict, done: threading.Event) -> None:
+    """Once the worker is paused in epoch 2 (``marker``) and Ray Train has taken the epoch-1 checkpoint
+    (``registered``), SIGKILL the paused worker. ``outcome``: ``killed`` (pid), ``paused_at`` (the marker) or
+    ``error``; on an error the worker is released (it trains on, and the test fails with the error). ``done``: the
+    run is over, stop waiting."""
+    import psutil
+
+    try:
+        paused = _wait_for(lambda: marker.exists() and json.loads(marker.read_text()),
+                           "the training worker never reached iteration 5 (epoch 2)",
+                           2 * EVENT_TIMEOUT_S, done)  # Ray Train's start and 5 iterations
+        outcome["paused_at"] = paused
+        _wait_for(registered.exists, "Ray Train never reported taking the epoch-1 checkpoint while the worker "
+                                     "waited in epoch 2", stop=done)
+        proc = psutil.Process(paused["pid"])
+        title = " ".join(proc.cmdline())
+        assert "ray::RayTrainWorker" in title, f"the paused process {paused['pid']} is not a Ray Train worker: {title}"
+        proc.send_signal(signal.SIGKILL)
+        outcome["killed"] = paused["pid"]
+    except BaseException as exc:  # noqa: BLE001  (reported by the test, not lost in this thread)
+        outcome["error"] = f"{type(exc).__name__}: {exc}"
+        release.touch()
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_finishes(ray_session, tmp_path, worker_hooks):
     """3 epochs of 4 iterations, a checkpoint after each epoch. The worker is killed with SIGKILL during epoch 2;
     with scaling.max_failures=1 Ray Train starts a new worker group, which loads the epoch-1 checkpoint and
-    trains epochs 2 and 3: the run ends at iteration 12 and the log shows epoch 2 started again from iteration 5."""
+    trains epochs 2 and 3: the run ends at iteration 12 and the log shows epoch 2 started again from iteration 5.
+
+    The kill lands at a fixed point whatever the machine's load: a test hook pauses the worker after iteration 5
+    (logged), and the kill waits for that and for Ray Train's controller to have taken the epoch-1 checkpoint (a
+    report still queued in a killed worker is lost). The restarted worker group finds the marker and does not
+    pause."""
+    from ray.train import UserCallback
     from test_train_ray import SMALL
 
     from raydet.train import fit
 
-    cfg = load_config(QUICKSTART, SMALL + ["train.max_epochs=3", "data.train.num_images=8", "data.val=null",
-                                           "scaling.max_failures=1"])
-    killed: list[int] = []
-    watcher = threading.Thread(target=_kill_when, args=(tmp_path / "log.jsonl", 2, killed), daemon=True)
+    class CheckpointTaken(UserCallback):
+        """On Ray Train's controller, after the checkpoint manager has registered a report's checkpoint: touch
+        ``<folder>/registered_epoch_<epoch>`` (pickled by value: the controller cannot import this test)."""
+
+        def __init__(self, folder: str):
+            self.folder = folder
+
+        def after_report(self, run_context, metrics, checkpoint):
+            import os
+
+            if checkpoint is not None:
+                open(os.path.join(self.folder, f"registered_epoch_{metrics[0]['epoch']}"), "w").close()
+
+    hooks = worker_hooks
+    signals = tmp_path / "signals"
+    signals.mkdir()
+    marker, release = signals / "paused.json", signals / "release"
+    cfg = load_config(QUICKSTART, SMALL + [
+        "train.max_epochs=3", "data.train.num_images=8", "data.val=null", "scaling.max_failures=1",
+        f"runtime.imports=[{hooks}]",
+        f"hooks=[{{type: PauseOnceAfterIteration, marker: '{marker}', iteration: 5, release: '{release}'}}]"])
+    outcome: dict = {}
+    done = threading.Event()
+    watcher = threading.Thread(target=_kill_paused_worker, daemon=True,
+                               args=(marker, signals / "registered_epoch_1", release, outcome, done))
     watcher.start()
-    result = fit(cfg, work_dir=str(tmp_path))
-    watcher.join(timeout=1)
-    assert killed, "no training worker process was found to kill"
+    try:
+        result = fit(cfg, run_dir=str(tmp_path / "run"), callbacks=[CheckpointTaken(str(signals))])
+    finally:
+        release.touch()  # whatever happened, no worker stays paused
+        done.set()
+        watcher.join(timeout=EVENT_TIMEOUT_S)
+    assert "error" not in outcome, outcome["error"]
+    assert outcome.get("killed"), "no training worker process was killed"
+    assert outcome["paused_at"]["epoch"] == 2 and outcome["paused_at"]["iter"] == 5
     out = result.return_value
     assert out["epoch"] == 3 and out["iter"] == 12
 
-    records = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     iters = [r["iter"] for r in records if r["mode"] == "train"]
-    restart = next(i for i in range(1, len(iters)) if iters[i] <= iters[i - 1])
-    # before the kill: epoch 1 (iterations 1-4) and part of epoch 2; after: from iteration 5 (the epoch-1
-    # checkpoint), not from 1, to the end
-    assert iters[:4] == [1, 2, 3, 4] and 5 <= iters[restart - 1] <= 8
-    assert iters[restart:] == list(range(5, 13))
-    assert not any(proc_pid in killed for proc_pid in [p.pid for p in _train_workers()])
+    restart = next((i for i in range(1, len(iters)) if iters[i] <= iters[i - 1]), None)
+    assert restart is not None, f"the log shows no restart: {iters}"
+    # before the kill: epoch 1 (iterations 1-4) and iteration 5, where the worker was paused; after: from iteration
+    # 5 (the epoch-1 checkpoint), not from 1, to the end
+    assert iters[:restart] == [1, 2, 3, 4, 5], iters
+    assert iters[restart:] == list(range(5, 13)), iters
+    assert outcome["killed"] not in [p.pid for p in _train_workers()]
 
 
 # ----------------------------------------------------------------------------------------------- bad input
@@ -233,12 +298,13 @@ def test_a_process_killed_while_writing_a_checkpoint_leaves_the_previous_one_loa
     path, marker = tmp_path / "run" / "checkpoint.pt", tmp_path / "writing"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(path), str(marker)], cwd=ROOT)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + EVENT_TIMEOUT_S  # the child imports torch first: slow on a busy machine
         while not marker.exists():
-            assert child.poll() is None and time.monotonic() < deadline, "the writer did not start its second save"
+            assert child.poll() is None, f"the writer exited ({child.returncode}) before its second save"
+            assert time.monotonic() < deadline, f"the writer did not start its second save in {EVENT_TIMEOUT_S:.0f} s"
             time.sleep(0.05)
         child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
+        child.wait(timeout=EVENT_TIMEOUT_S)
     finally:
         if child.poll() is None:
             child.kill()

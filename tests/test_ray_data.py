@@ -1,5 +1,6 @@
 """raydet.data.ray_data: the Ray Data pipeline against the plain per-image transforms (few, tiny Ray runs)."""
 import json
+import time
 from pathlib import Path
 
 import cv2
@@ -126,16 +127,70 @@ def test_actor_side_modules_do_not_import_torch():
     assert out.stdout.strip() == "[]", f"the actor-side modules import torch: {out.stdout.strip()[:200]}"
 
 
-def test_decode_actors_hold_the_custom_resource_they_are_placed_by(ray_session):
+class _GatedShapes:
+    """A SyntheticShapesDataset whose images past the first ``free`` ids wait until the file ``gate`` exists (at
+    most ``timeout_s``, a leak guard only: the test always creates the gate): while they wait, the decode actor is
+    busy, hence alive. Ray Data releases an actor pool's actors as soon as its inputs are done, which for a few tiny
+    images may be before the first batch reaches us."""
+
+    def __init__(self, dataset, gate: str, free: int, timeout_s: float = 3600.0):
+        self.records, self.pipeline, self.with_masks = dataset.records, dataset.pipeline, dataset.with_masks
+        self._loader, self._gate, self._free, self._timeout_s = dataset.image_loader(), gate, free, timeout_s
+
+    def image_loader(self):
+        loader, gate, free, timeout_s = self._loader, self._gate, self._free, self._timeout_s
+
+        def load(record):  # a closure: pickled by value, so the actor need not import this test module
+            import os
+            import time
+
+            if record["image_id"] > free:
+                deadline = time.monotonic() + timeout_s
+                while not os.path.exists(gate) and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            return loader(record)
+
+        return load
+
+
+def _poll(condition, what, timeout_s: float = 300.0):
+    """Poll ``condition()`` until it returns something true (returned), failing after ``timeout_s`` with ``what``
+    (a string, or a function giving one then)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what() if callable(what) else what} (waited {timeout_s:.0f} s)"
+        time.sleep(0.05)
+
+
+def test_decode_actors_hold_the_custom_resource_they_are_placed_by(ray_session, tmp_path):
     """``resources={"cpu_node": 1}`` (the pipeline's scaling.data_resources): each decode actor reserves one unit
-    for its lifetime, so the actors can only run on nodes that declare it (the CPU-only node types in clusters/)."""
+    for its lifetime, so the actors can only run on nodes that declare it (the CPU-only node types in clusters/).
+
+    Ray's resource view is updated asynchronously, so the test polls it, at a moment the actor is certainly alive:
+    it is held in the call with images 5 and 6 until the test opens the gate. (Images 3 and 4 are let through: the
+    iterator fetches the next block before it hands out the first batch.)"""
     ds = SyntheticShapesDataset(6, height=32, width=32, seed=0, pipeline=[{"type": "Resize", "scale": [32, 32]}])
+    gate = tmp_path / "gate"
+    gated = _GatedShapes(ds, str(gate), free=4)
     total = ray_session.cluster_resources()["cpu_node"]
-    stream = build_ray_dataset(ds, train=False, num_actors=1, actor_batch_size=2,
-                               resources={"cpu_node": 1}).iter_batches(batch_size=2)
-    stream = iter(stream)
-    first = next(stream)
-    held = total - ray_session.available_resources().get("cpu_node", 0.0)
+
+    def held() -> float:
+        return total - ray_session.available_resources().get("cpu_node", 0.0)
+
+    stream = iter(build_ray_dataset(gated, train=False, num_actors=1, actor_batch_size=2,
+                                    resources={"cpu_node": 1}).iter_batches(batch_size=2))
+    try:
+        first = next(stream)
+        assert [int(i) for i in first["image_id"]] == [1, 2]
+        _poll(lambda: held() == 1.0, lambda: f"the decode actor, alive, never showed as holding 1 of the {total:g} "
+                                             f"cpu_node units (held: {held():g})")
+    finally:
+        gate.touch()
     rest = list(stream)
-    assert held == 1.0
     assert len(first["image"]) + sum(len(b["image"]) for b in rest) == 6
+    # and the unit goes back once the stream is done (the actor's lifetime ends with it)
+    _poll(lambda: held() == 0.0, lambda: f"the decode actor's cpu_node unit was not released after the stream "
+                                         f"ended (held: {held():g})")

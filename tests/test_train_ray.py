@@ -41,7 +41,7 @@ def test_two_worker_training_loss_falls_and_evaluates(ray_session, tmp_path):
     from raydet.train import fit
 
     cfg = load_config(QUICKSTART, SMALL + ["scaling.num_workers=2", "train.max_epochs=3", "evaluation.interval=3"])
-    result = fit(cfg, work_dir=str(tmp_path))
+    result = fit(cfg, run_dir=str(tmp_path))
     out = result.return_value
     # 16 images over 2 workers x 2 images = 4 iterations per epoch
     assert out["epoch"] == 3 and out["iter"] == 12
@@ -60,28 +60,39 @@ def test_two_worker_training_loss_falls_and_evaluates(ray_session, tmp_path):
 
 @pytest.fixture(scope="module")
 def one_epoch_run(ray_session, tmp_path_factory):
-    """One epoch of the small quickstart under a stable run name: (work_dir, result)."""
+    """One epoch of the small quickstart in a run folder: (run_dir, result)."""
     from raydet.train import fit
 
-    work_dir = tmp_path_factory.mktemp("resumable")
-    result = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=1"]), work_dir=str(work_dir), name="resumable")
-    return work_dir, result
+    run_dir = tmp_path_factory.mktemp("resumable")
+    result = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=1"]), run_dir=str(run_dir))
+    return run_dir, result
 
 
 def test_resume_continues_from_the_last_checkpoint(one_epoch_run):
     from raydet.engine.checkpoint import load_checkpoint
+    from raydet.registry import ConfigError
     from raydet.train import fit
+    from raydet.workspace import latest_checkpoint
 
-    work_dir, first = one_epoch_run
+    run_dir, first = one_epoch_run
     assert first.return_value["epoch"] == 1 and first.return_value["iter"] == 8
     state = load_checkpoint(first.checkpoint.path)
     assert state["epoch"] == 1 and state["iter"] == 8
+    latest = latest_checkpoint(run_dir)
+    assert latest.path == str(Path(first.checkpoint.path) / "checkpoint.pt") and (latest.epoch, latest.iter) == (1, 8)
 
-    second = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=2"]), work_dir=str(work_dir), name="resumable")
+    longer = load_config(QUICKSTART, SMALL + ["train.max_epochs=2"])
+    # more epochs is a schedule change: refused, naming the key, unless allowed (checked before Ray runs anything)
+    with pytest.raises(ConfigError, match=r"differs from the one checkpoint .* in train\.max_epochs; continue anyway "
+                                          r"with --allow-changes"):
+        fit(longer, run_dir=str(run_dir), resume_from=latest.path)
+    second = fit(longer, run_dir=str(run_dir), resume_from=latest.path, allow_changes=True)
     # started at epoch 1 from the checkpoint: one more epoch of 8 iterations, not two
     assert second.return_value["epoch"] == 2 and second.return_value["iter"] == 16
-    iters = [r["iter"] for r in _log_records(work_dir, "train")]
+    iters = [r["iter"] for r in _log_records(run_dir, "train")]
     assert iters == list(range(1, 17))
+    (resume,) = _log_records(run_dir, "resume")
+    assert (resume["epoch"], resume["iter"], resume["checkpoint"]) == (1, 8, latest.path)
     resumed = load_checkpoint(second.checkpoint.path)
     assert not torch.equal(resumed["model"]["roi_head.bbox_head.fc_cls.weight"],
                            state["model"]["roi_head.bbox_head.fc_cls.weight"])
@@ -107,7 +118,7 @@ def test_a_cpu_budget_that_would_deadlock_fails_clearly(ray_session, tmp_path):
 
     cfg = load_config(QUICKSTART, SMALL + ["scaling.num_workers=2", "scaling.cpus_per_worker=1"])
     with pytest.raises(ConfigError, match=r"= 3 CPUs, but the cluster has 2; the data pipeline would wait forever"):
-        fit(cfg, work_dir=str(tmp_path))
+        fit(cfg, run_dir=str(tmp_path))
 
 
 def test_missing_checkpoint_fails_clearly(tmp_path, capsys):
@@ -117,67 +128,125 @@ def test_missing_checkpoint_fails_clearly(tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (every socket stays bound until all are chosen, so none is picked twice)."""
+    sockets = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.mark.skipif(shutil.which("ray") is None and not (Path(sys.executable).parent / "ray").exists(),
                     reason="the ray CLI is not installed")
-def test_ray_job_submit_runs_the_training_command(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir . -- python -m raydet.train ...` against our own head."""
+def test_ray_job_submit_keeps_outputs_and_resumes_across_jobs(tmp_path):
+    """`ray start --head` + `ray job submit --working-dir WD -- python -m raydet.train ...` against our own head,
+    whose environment sets RAYDET_WORK_ROOT as the cluster files do. The run's checkpoint, log and curves land under
+    that root, not in the job's package that Ray unpacks under its session folder; after a file of WD changed (a new
+    package, another folder), a second job with --resume continues from the first job's last checkpoint."""
     import tempfile
 
+    from raydet.workspace import find_checkpoints, ray_owned_folder
+
     ray_cli = str(Path(sys.executable).parent / "ray")
-    port, dash = _free_port(), _free_port()
+    working_dir = tmp_path / "wd"
+    for name in ("raydet", "ops", "pipelines"):
+        shutil.copytree(ROOT / name, working_dir / name, ignore=shutil.ignore_patterns("__pycache__"))
+    work_root = tmp_path / "runs"
+    port, dash, *others = _free_ports(7)
     # every port the head's processes listen on, free ones: the defaults (the dashboard agent's 52365 ...) are
     # taken by the test session's own Ray instance, and an agent that cannot bind never registers for jobs
-    agent_ports = [f"--{name}={_free_port()}" for name in (
+    agent_ports = [f"--{name}={p}" for name, p in zip((
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
-        "ray-client-server-port")]
+        "ray-client-server-port"), others)]
     temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     # the job entrypoint's `python` comes from the PATH the head was started with: this interpreter's folder first
-    env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1",
+    env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1", RAYDET_WORK_ROOT=str(work_root),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
+    head_log = open(tmp_path / "head.log", "w")  # a file: a pipe nobody reads would block the head once full
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--include-dashboard=true", f"--temp-dir={temp_dir}",
          *agent_ports],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        address = f"http://127.0.0.1:{dash}"
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            status = subprocess.run([ray_cli, "job", "list", f"--address={address}"], env=env,
-                                    capture_output=True, text=True)
-            if status.returncode == 0:
-                break
-            time.sleep(2)
-        else:
-            pytest.fail(f"the Ray head did not come up: {status.stderr[-2000:]}")
-        overrides = SMALL + ["train.max_epochs=1", "evaluation.interval=1"]
-        cmd = [ray_cli, "job", "submit", f"--address={address}", "--working-dir", str(ROOT), "--",
-               "python", "-m", "raydet.train", "pipelines/quickstart.yaml", "--work-dir", str(tmp_path / "work"),
-               "--set", *overrides]
-        deadline = time.time() + 120
+        env=env, stdout=head_log, stderr=subprocess.STDOUT, text=True)
+    client_env = {k: v for k, v in env.items() if k != "RAYDET_WORK_ROOT"}  # the root comes from the cluster
+    address = f"http://127.0.0.1:{dash}"
+
+    def submit(*args: str) -> str:
+        cmd = [ray_cli, "job", "submit", f"--address={address}", "--working-dir", str(working_dir), "--",
+               "python", "-m", "raydet.train", "pipelines/quickstart.yaml", *args]
+        deadline = time.time() + 300
         while True:  # the head answers `job list` before its job agent is ready (slow under load)
-            job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            job = subprocess.run(cmd, env=client_env, capture_output=True, text=True, timeout=900)
             output = job.stdout + job.stderr
             if "No available agent to submit job" not in output or time.time() > deadline:
                 break
             time.sleep(3)
         assert "No available agent to submit job" not in output, "the head's job agent never registered"
-        assert job.returncode == 0, output[-4000:]
-        assert "bbox/AP50" in output or "AP50" in output, output[-4000:]
-        assert "succeeded" in output.lower(), output[-4000:]
+        assert job.returncode == 0 and "succeeded" in output.lower(), output[-4000:]
+        return output
+
+    try:
+        deadline, problem = time.time() + 300, ""
+        while time.time() < deadline:
+            try:
+                status = subprocess.run([ray_cli, "job", "list", f"--address={address}"], env=client_env,
+                                        capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                problem = "`ray job list` did not answer within 60 s"
+                continue
+            if status.returncode == 0:
+                break
+            problem = status.stderr[-2000:]
+            time.sleep(2)
+        else:
+            pytest.fail(f"the Ray head did not come up within 300 s: {problem}")
+
+        first = submit("--set", *SMALL, "train.max_epochs=1", "evaluation.interval=1")
+        assert "AP50" in first, first[-4000:]
+        work_dir = work_root / "work_dirs" / "quickstart"
+        (run_dir,) = [p for p in work_dir.iterdir() if p.is_dir()]
+        assert f"new run in {run_dir}" in first and f"run folder {run_dir}" in first
+        (checkpoint,) = find_checkpoints(work_dir)
+        assert (checkpoint.epoch, checkpoint.iter, checkpoint.run_dir) == (1, 8, str(run_dir))
+        outputs = [Path(checkpoint.path), run_dir / "log.jsonl", run_dir / "curves.png"]
+        for path in outputs:
+            assert path.is_file() and ray_owned_folder(path) is None and not str(path).startswith(temp_dir), path
+
+        (working_dir / "NOTES.txt").write_text("a changed working dir is a new package for Ray\n")
+        second = submit("--resume", "--allow-changes", "--set", *SMALL, "train.max_epochs=2",
+                        "evaluation.interval=1")
+        assert f"resuming run {run_dir} from checkpoint {checkpoint.path} (epoch 1, iteration 8)" in second
+        records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+        at = next(i for i, r in enumerate(records) if r["mode"] == "resume")
+        assert (records[at]["epoch"], records[at]["iter"]) == (1, 8)
+        before = [r["iter"] for r in records[:at] if r["mode"] == "train"]
+        after = [(r["epoch"], r["iter"]) for r in records[at:] if r["mode"] == "train"]
+        assert before == list(range(1, 9)) and after == [(2, i) for i in range(9, 17)]
+        assert max(c.epoch for c in find_checkpoints(work_dir)) == 2
     finally:
-        head.terminate()
+        import psutil
+
+        children = psutil.Process(head.pid).children(recursive=True) if head.poll() is None else []
+        head.terminate()  # `ray start --block` drains and stops its own processes
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=300)
         except subprocess.TimeoutExpired:
             head.kill()
+        for child in children:  # whatever it did not stop in time
+            try:
+                child.wait(timeout=10)
+            except psutil.TimeoutExpired:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -275,7 +276,7 @@ def test_quickstart_study_reports_and_resumes_without_rerunning(ray_session, tmp
     captured = capsys.readouterr()
     printed = captured.out
     # the study's progress bar reached both trials and names the best metric
-    assert re.search(r"study quickstart: best bbox/AP50 [\d.]+: 100%\S* 2/2", captured.err), captured.err[-2000:]
+    assert re.search(r"study quickstart: best bbox/AP50 [\d.e+-]+: 100%\S* 2/2", captured.err), captured.err[-2000:]
     folder = tmp_path / "tune" / "quickstart"
     rows = _rows(folder)
     assert sorted(r["optimizer.lr"] for r in rows) == ["0.0005", "0.002"]
@@ -339,8 +340,13 @@ def test_a_failed_trial_is_rerun_on_resume(ray_session, tmp_path, capsys):
 def test_asha_stops_the_worse_trial_at_its_first_rung(ray_session, tmp_path):
     """Two trials, one at a time (the CPU budget fits one): lr 0.002 trains, lr 0 cannot lower its loss. ASHA
     (grace 1 epoch, reduction factor 2) keeps the better half at the epoch-1 rung, so the lr 0 trial, which
-    reaches the rung second with the higher mean loss, is stopped there and never trains epoch 2."""
+    reaches the rung second with the higher mean loss, is stopped there. What raydet guarantees for a stopped trial
+    (README, raydet.tune): no iteration past the rung's epoch, that epoch's result and checkpoint, workers released."""
+    import ray
+
     from test_train_ray import SMALL
+
+    from raydet.workspace import find_checkpoints, latest_checkpoint
 
     path = space_file(tmp_path, "search: {optimizer.lr: {grid: [0.002, 0.0]}}\nmode: min\n"
                                 "scheduler: {type: asha, grace_period: 1, reduction_factor: 2}\n"
@@ -354,7 +360,18 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(ray_session, tmp_path):
     assert rows[0.002]["status"] == "done" and rows[0.002]["epoch"] == "2"
     assert rows[0.0]["status"] == "stopped" and rows[0.0]["epoch"] == "1"
     assert float(rows[0.002]["train/loss"]) < float(rows[0.0]["train/loss"])
-    # the stopped trial's own log ends after its first epoch (4 iterations of 2 images)
-    log = folder / "runs" / rows[0.0]["trial"] / "log.jsonl"
-    train = [r for r in map(json.loads, log.read_text().splitlines()) if r["mode"] == "train"]
-    assert max(r["iter"] for r in train) <= 4
+    # the stopped trial trained exactly its first epoch (4 iterations of 2 images), not one iteration more
+    run = folder / "runs" / rows[0.0]["trial"]
+    train = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if r["mode"] == "train"]
+    assert [r["iter"] for r in train] == [1, 2, 3, 4]
+    # its epoch-1 checkpoint is the last it wrote, and kept: a resumed study would start from it
+    assert [c.epoch for c in find_checkpoints(run)] == [1] and latest_checkpoint(run).epoch == 1
+    assert not (run / "continue_1").exists()  # Tune never told it to go on
+    # and its workers' resources are back: no placement group is left holding them
+    deadline = time.monotonic() + 300
+    while True:
+        held = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        if not held or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not held, held

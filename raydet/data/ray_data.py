@@ -212,8 +212,10 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
 
     Args:
         dataset: a raydet dataset (``records``, ``pipeline``, ``with_masks``, ``image_loader()``).
-        train: permute the records (seeded by ``[seed, epoch]``) before decoding. Evaluation keeps the record order
-            and sets ``preserve_order`` on this dataset's DataContext, so rows arrive in order.
+        train: permute the records (seeded by ``[seed, epoch]``) before decoding; evaluation keeps the record order.
+            Both set ``preserve_order`` on this dataset's DataContext, so rows arrive in that order whichever actor
+            finishes first: a seeded run sees the same batches every time, and a resumed run the batches an
+            uninterrupted one would have seen.
         seed, epoch: the shuffle and augmentation seeds (image rng = ``default_rng([seed, epoch, image_id])``).
         num_actors: fixed actor-pool size, or (min, max) for an autoscaling pool.
         num_cpus_per_actor: CPUs reserved by each decode actor. Keep it fractional (default 0.5) when Ray Train
@@ -265,8 +267,7 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
         resources=resources,
         udf_modifying_row_count=False,
     )
-    if not train:
-        ds.context.execution_options.preserve_order = True
+    ds.context.execution_options.preserve_order = True
     return ds
 
 

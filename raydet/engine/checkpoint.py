@@ -47,10 +47,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """A raydet checkpoint's state dict from a file or a Ray checkpoint folder; ``mmap`` maps the tensors instead of
+    reading them (cheap when only the metadata is needed).
+
+    Raises:
+        FileNotFoundError: no such file (or no ``checkpoint.pt`` in the folder).
+        CheckpointError: not a torch file, cut short, or not a raydet checkpoint; the message names the file.
+    """
     p = resolve_checkpoint(path)
     try:
-        state = torch.load(p, map_location=map_location, weights_only=False)
+        state = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as exc:  # truncated / not a torch file
         raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:

@@ -19,7 +19,7 @@ from raydet.engine.dist import all_gather_object, broadcast_object
 from raydet.engine.optim import LrScheduleConfig, lr_at
 
 __all__ = ["HOOK_POINTS", "Priority", "Hook", "LrSchedulerHook", "OptimizerHook", "CheckpointHook", "LoggerHook",
-           "ProgressBarHook", "EvalHook", "NonFiniteLossError"]
+           "ProgressBarHook", "EvalHook", "EpochGateHook", "NonFiniteLossError", "CHECKPOINT_SCORE"]
 
 log = logging.getLogger("raydet")
 
@@ -177,31 +177,84 @@ class EvalHook(Hook):
             results = [r for part in gathered for r in part]
             metrics = self.evaluator.evaluate(results)
         runner.metrics = broadcast_object(metrics)
+        runner.eval_epoch = runner.epoch
         self.results = []
 
 
 # --------------------------------------------------------------------------------------------------- checkpoints
-class CheckpointHook(Hook):
-    """After each epoch: report the epoch's metrics, with a checkpoint every ``interval`` epochs and at the end.
+CHECKPOINT_SCORE = "checkpoint_score"
 
-    The report goes through ``runner.report`` (``ray.train.report`` under Ray Train, where Ray keeps the last
-    ``num_to_keep`` and the best by a metric); only rank 0 passes the checkpoint state.
+
+class CheckpointHook(Hook):
+    """After each epoch: report the epoch's numbers, with a checkpoint every ``interval`` epochs and at the end.
+
+    The report goes through ``runner.report`` (``ray.train.report`` under Ray Train); only rank 0 passes the
+    checkpoint state. It holds ``epoch``, ``iter``, the epoch's mean losses (``train/...``) and, when this epoch was
+    evaluated, the evaluation metrics (an epoch without evaluation reports none: no stale metric of an earlier
+    epoch).
+
+    Retention (Ray Train keeps ``checkpoint.num_to_keep`` checkpoints, and always the latest one, which resume
+    needs): with a ``score_attribute`` the report also carries :data:`CHECKPOINT_SCORE`, the attribute's value when
+    the epoch was evaluated, else the worst value (-inf for ``max``, +inf for ``min``). Ray ranks checkpoints by it,
+    so the kept ones are the best evaluated ones plus the latest.
     """
 
     priority = Priority.BELOW_NORMAL
 
-    def __init__(self, interval: int = 1):
+    def __init__(self, interval: int = 1, score_attribute: str | None = None, score_order: str = "max"):
+        if score_order not in ("max", "min"):
+            raise ValueError(f"score_order must be max or min, got {score_order!r}")
         self.interval = interval
+        self.score_attribute = score_attribute
+        self.score_order = score_order
 
     def after_train_epoch(self, runner):
         epoch = runner.epoch + 1
-        metrics = {"epoch": epoch, "iter": runner.iter, **runner.epoch_log, **runner.metrics}
+        evaluated = runner.eval_epoch == runner.epoch
+        metrics = {"epoch": epoch, "iter": runner.iter, **runner.epoch_log, **(runner.metrics if evaluated else {})}
+        if self.score_attribute:
+            worst = -math.inf if self.score_order == "max" else math.inf
+            score = metrics.get(self.score_attribute, worst)
+            metrics[CHECKPOINT_SCORE] = score if isinstance(score, (int, float)) and math.isfinite(score) else worst
         save = epoch % self.interval == 0 or epoch == runner.max_epochs
         state = None
         if save and runner.rank == 0:
             state = runner.state_dict()
             state["epoch"] = epoch  # the next run starts after this epoch
         runner.report(metrics, state)
+
+
+class EpochGateHook(Hook):
+    """After each epoch's report but the last: wait until ``<folder>/continue_<epoch>`` exists (go on) or
+    ``<folder>/<stop_file>`` does (stop the run after this epoch, which ends normally).
+
+    ``raydet tune`` uses it so that a trial waits for Ray Tune's decision on each epoch's result: a trial that a
+    scheduler (ASHA) stops trains no iteration past the epoch it was stopped at and writes no later checkpoint.
+    After ``timeout_s`` without either file the run goes on with a warning.
+    """
+
+    priority = Priority.LOW
+
+    def __init__(self, folder: str, stop_file: str = "stop_requested", timeout_s: float = 3600.0,
+                 poll_s: float = 0.05):
+        self.folder, self.stop_file, self.timeout_s, self.poll_s = folder, stop_file, timeout_s, poll_s
+
+    def after_train_epoch(self, runner):
+        epoch = runner.epoch + 1
+        if epoch >= runner.max_epochs:
+            return
+        go, stop = (os.path.join(self.folder, name) for name in (f"continue_{epoch}", self.stop_file))
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            if os.path.exists(stop):
+                log.info("stop requested after epoch %d: the run ends here", epoch)
+                runner.stop_requested = True
+                return
+            if os.path.exists(go):
+                return
+            time.sleep(self.poll_s)
+        log.warning("no decision to continue or stop after epoch %d within %.0f s: continuing", epoch,
+                    self.timeout_s)
 
 
 # --------------------------------------------------------------------------------------------------- logging

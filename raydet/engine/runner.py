@@ -84,6 +84,7 @@ class Runner:
         self.loss: torch.Tensor | None = None
         self.predictions: list[dict] = []
         self.metrics: dict[str, float] = {}      # latest evaluation metrics
+        self.eval_epoch: int | None = None       # the (0-based) epoch they were computed after
         self.epoch_log: dict[str, float] = {}    # what after_train_epoch reports
         self.data_time = 0.0
         self.stop_requested = False

@@ -1,0 +1,44 @@
+"""Hooks that Ray tests load into Ray Train workers (``runtime.imports`` + ``hooks:`` in the pipeline), so that the
+event a test reacts to happens at a fixed point of the training loop instead of whenever a (busy) machine gets there.
+
+Not a test module (pytest collects ``test_*.py`` only). The Ray workers import it by the name the test passes in
+``runtime.imports`` (see ``tests/test_failures.py``: ``tests._worker_hooks`` when Ray was started from the
+repository root, whose path the workers get).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from raydet.engine.hooks import Hook, Priority
+from raydet.registry import REGISTRY, register
+
+__all__ = ["PauseOnceAfterIteration"]
+
+
+class PauseOnceAfterIteration(Hook):
+    """On rank 0, once global iteration ``iteration`` (1-based) is trained and logged, write ``marker`` (JSON:
+    ``pid``, ``epoch``, ``iter``) and wait there until the process is killed, ``release`` exists, or ``timeout_s``
+    passes (a leak guard only: the test creates ``release`` whatever happens). Only the first worker to get there
+    pauses: a worker started later (a restarted worker group) finds the marker and trains on."""
+
+    priority = Priority.LOWEST  # after the LoggerHook (VERY_LOW): the iteration's record is in log.jsonl first
+
+    def __init__(self, marker: str, iteration: int, release: str | None = None, timeout_s: float = 3600.0):
+        self.marker, self.iteration, self.release, self.timeout_s = marker, int(iteration), release, timeout_s
+
+    def after_train_iter(self, runner):
+        if runner.rank != 0 or runner.iter + 1 != self.iteration or os.path.exists(self.marker):
+            return
+        tmp = f"{self.marker}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"pid": os.getpid(), "epoch": runner.epoch + 1, "iter": runner.iter + 1}, f)
+        os.replace(tmp, self.marker)  # the test never reads a half-written marker
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and not (self.release and os.path.exists(self.release)):
+            time.sleep(0.05)
+
+
+if "PauseOnceAfterIteration" not in REGISTRY:  # imported under a second name in the same process: keep the first
+    register(PauseOnceAfterIteration)
