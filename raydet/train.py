@@ -37,7 +37,7 @@ from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimi
 from raydet.engine.runner import Runner
 from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
-from raydet.evaluation.metric_names import metric_problem
+from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
 from raydet.registry import ConfigError, build, build_context, build_dataclass
 from raydet.workspace import (CHECKPOINT_INFO_FILE, check_shared_storage, checkpoint_record, cluster_node_count,
                               latest_checkpoint, new_attempt_name, new_run_dir, resolve_work_dir,
@@ -155,10 +155,15 @@ def parse_sections(cfg: Config) -> Sections:
             if value not in allowed:
                 raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
                                   f"{', '.join(map(str, allowed))}, got {value!r}")
-        score = sections.checkpoint.score_attribute
-        problem = metric_problem(score, sections) if score else None
+        score, key = sections.checkpoint.score_attribute, "checkpoint.score_attribute"
+        if score and sections.data.val is None and not TRAIN_METRIC.fullmatch(score):
+            # e.g. `--set data.val=null` on a pipeline that ranks by bbox/AP: nothing is evaluated, so nothing
+            # to rank by; the latest num_to_keep checkpoints are kept
+            log.warning("%s: %s: %s is not evaluated (no data.val): checkpoints are kept by recency", cfg.path, key,
+                        score)
+            sections.checkpoint.score_attribute = None
+        problem = metric_problem(score, sections) if sections.checkpoint.score_attribute else None
         if problem:
-            key = "checkpoint.score_attribute"
             raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: {problem}")
     for module in sections.runtime.imports:
         importlib.import_module(module)

@@ -14,7 +14,7 @@ import time
 from raydet.engine.hooks import Hook, Priority
 from raydet.registry import REGISTRY, register
 
-__all__ = ["PauseOnceAfterIteration"]
+__all__ = ["PauseOnceAfterIteration", "FailOnceAtIteration"]
 
 
 class PauseOnceAfterIteration(Hook):
@@ -42,3 +42,24 @@ class PauseOnceAfterIteration(Hook):
 
 if "PauseOnceAfterIteration" not in REGISTRY:  # imported under a second name in the same process: keep the first
     register(PauseOnceAfterIteration)
+
+
+class FailOnceAtIteration(Hook):
+    """On rank 0, the first time global iteration ``iteration`` (1-based) is about to train, write ``marker`` and
+    raise (a crash in the middle of a run); a later start of the run finds the marker and trains on."""
+
+    priority = Priority.LOWEST
+
+    def __init__(self, marker: str, iteration: int):
+        self.marker, self.iteration = marker, int(iteration)
+
+    def before_train_iter(self, runner):
+        if runner.rank != 0 or runner.iter + 1 != self.iteration or os.path.exists(self.marker):
+            return
+        with open(self.marker, "w") as f:
+            json.dump({"pid": os.getpid(), "epoch": runner.epoch + 1, "iter": runner.iter + 1}, f)
+        raise RuntimeError(f"test crash before iteration {self.iteration}")
+
+
+if "FailOnceAtIteration" not in REGISTRY:
+    register(FailOnceAtIteration)

@@ -273,3 +273,27 @@ def test_placement_resources_reach_ray_and_must_exist(ray_session):
     with pytest.raises(ConfigError, match=r"the data pipeline would wait forever"):
         check_cluster_resources(sections("scaling.num_workers=2"))
     check_cluster_resources(sections("scaling.num_workers=2", "scaling.data_resources={cpu_node: 0.25}"))
+
+
+def test_the_checkpoint_score_must_be_a_metric_the_pipeline_reports(caplog):
+    """checkpoint.score_attribute ranks the kept checkpoints: a name raydet never reports, or one the pipeline's
+    evaluation does not compute, fails naming the key; with no data.val nothing is ranked (recency, one warning)."""
+    from raydet.registry import ConfigError
+    from raydet.train import parse_sections
+
+    def sections(*overrides):
+        return parse_sections(load_config(QUICKSTART, list(overrides)))
+
+    assert sections().checkpoint.score_attribute == "bbox/AP50"
+    assert sections("checkpoint.score_attribute=train/loss", "checkpoint.score_order=min").checkpoint.score_order == "min"
+    with pytest.raises(ConfigError, match=r"checkpoint\.score_attribute: 'bbox/AP5' is not a metric raydet reports; "
+                                          r"did you mean .*'bbox/AP50'"):
+        sections("checkpoint.score_attribute=bbox/AP5")
+    with pytest.raises(ConfigError, match=r"checkpoint\.score_attribute: 'segm/AP' needs 'segm' in the pipeline's "
+                                          r"evaluation\.metric"):
+        sections("checkpoint.score_attribute=segm/AP")
+    with pytest.raises(ConfigError, match=r"checkpoint\.score_order: expected one of max, min, got 'best'"):
+        sections("checkpoint.score_order=best")
+    with caplog.at_level("WARNING", logger="raydet"):
+        assert sections("data.val=null").checkpoint.score_attribute is None
+    assert "bbox/AP50 is not evaluated (no data.val): checkpoints are kept by recency" in caplog.text

@@ -337,6 +337,41 @@ def test_a_failed_trial_is_rerun_on_resume(ray_session, tmp_path, capsys):
     assert len(starts) == 2
 
 
+def test_a_trial_that_crashed_mid_run_resumes_from_its_last_checkpoint(ray_session, tmp_path, capsys, worker_hooks):
+    """A trial crashes in epoch 2, after its epoch-1 checkpoint (a test hook raises once, at iteration 5): the study
+    records the error; --resume starts the trial again from that checkpoint, not from scratch, and it finishes."""
+    from test_train_ray import SMALL
+
+    from raydet.workspace import find_checkpoints
+
+    marker = tmp_path / "crashed.json"
+    path = space_file(tmp_path, "search: {optimizer.lr: {grid: [0.002]}}\nmode: min\n"
+                                "resources: {num_workers: 1, cpus_per_worker: 0.5, driver_cpus: 0.5}\n",
+                      metric="train/loss")
+    overrides = SMALL + ["train.max_epochs=2", "data.train.num_images=8", "data.val=null",
+                         f"runtime.imports=[{worker_hooks}]",
+                         f"hooks=[{{type: FailOnceAtIteration, marker: '{marker}', iteration: 5}}]"]
+    assert main([str(path), "--work-dir", str(tmp_path / "w"), "--set", *overrides]) == 0  # epoch 1 reported
+    assert "1 trials (1 failed)" in capsys.readouterr().out
+    folder = tmp_path / "w" / "tune" / "study"
+    (row,) = _rows(folder)
+    assert row["status"] == "error" and json.loads(marker.read_text())["iter"] == 5
+    run = folder / "runs" / row["trial"]
+    (first,) = find_checkpoints(run)
+    assert (first.epoch, first.iter) == (1, 4)
+
+    assert main([str(path), "--work-dir", str(tmp_path / "w"), "--resume"]) == 0
+    (row,) = _rows(folder)
+    assert row["status"] == "done" and row["epoch"] == "2"
+    starts = [json.loads(s) for s in (run / "starts.jsonl").read_text().splitlines()]
+    assert [(s["resumed"], s["checkpoint"]) for s in starts] == [(False, None), (True, first.path)]
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    resume = [r for r in records if r["mode"] == "resume"]
+    assert [(r["epoch"], r["iter"]) for r in resume] == [(1, 4)]
+    after = [r["iter"] for r in records[records.index(resume[0]):] if r["mode"] == "train"]
+    assert after == [5, 6, 7, 8]  # epoch 2 only: epoch 1 was not trained again
+
+
 def test_asha_stops_the_worse_trial_at_its_first_rung(ray_session, tmp_path):
     """Two trials, one at a time (the CPU budget fits one): lr 0.002 trains, lr 0 cannot lower its loss. ASHA
     (grace 1 epoch, reduction factor 2) keeps the better half at the epoch-1 rung, so the lr 0 trial, which

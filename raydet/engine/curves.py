@@ -2,7 +2,7 @@
 
 Panels: the training loss and each loss term against the iteration; the learning rate against the iteration; and,
 when the run evaluated, each evaluation metric (``bbox/AP``, ``proposal/AR@1000``, ``voc/mAP`` ...) against the
-epoch. ``LoggerHook`` writes ``<work_dir>/curves.png`` at the end of every run; ``raydet curves LOG`` redraws one.
+epoch. ``LoggerHook`` writes ``<run folder>/curves.png`` at the end of every run; ``raydet curves LOG`` redraws one.
 """
 from __future__ import annotations
 

@@ -260,7 +260,7 @@ class EpochGateHook(Hook):
 # --------------------------------------------------------------------------------------------------- logging
 class LoggerHook(Hook):
     """Every ``interval`` iterations on rank 0: each loss term (averaged over the interval), lr, data time, iteration
-    time, ETA and peak memory, to the console, ``<work_dir>/log.jsonl`` and TensorBoard (``<work_dir>/tb``)."""
+    time, ETA and peak memory, to the console, ``<run folder>/log.jsonl`` and TensorBoard (``<run folder>/tb``)."""
 
     priority = Priority.VERY_LOW
 
