@@ -26,7 +26,8 @@ import yaml
 
 from .registry import ConfigError, build, build_context, closest, error
 
-__all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "parse_path", "format_path", "differences"]
+__all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "parse_path", "format_path",
+           "differences"]
 
 # Top-level keys a pipeline may define. Any other top-level key must be used as a ``${...}`` variable.
 SECTIONS = ("model", "data", "optimizer", "lr_schedule", "train", "evaluation", "hooks", "scaling", "runtime",

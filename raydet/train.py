@@ -1,4 +1,4 @@
-"""``python -m raydet.train [PIPELINE] [--set k=v ...] [--resume [CHECKPOINT]] [--work-dir DIR]``: train a detector on Ray.
+"""``python -m raydet.train [PIPELINE] [--set k=v ...] [--resume [CHECKPOINT]] [--work-dir DIR]``: train on Ray.
 
 The driver loads and checks the pipeline, reads the datasets (so bad annotations fail before any worker starts),
 connects to a Ray cluster (or starts a local one) and runs a Ray Train ``TorchTrainer``. Each worker builds the

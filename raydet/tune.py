@@ -34,11 +34,11 @@ checkpoint there. With ASHA, ``evaluation.interval`` is set to 1 so that every r
 metric (ASHA compares trials at epochs ``grace_period * reduction_factor**k``); with FIFO the pipeline's interval
 is kept (the last epoch always evaluates) and only the final report matters.
 
-When Tune stops a trial at one of its reports (ASHA at a rung), raydet guarantees: the trial trains no iteration past the epoch
-whose report Tune stopped it at (each epoch but the last waits for Tune's decision on its report before the next
-one starts); its result in the study is that epoch's; its checkpoint of that epoch (when ``checkpoint.interval``
-writes one then) is the last it writes and is kept; and its Ray Train workers and their resources are released, so
-the next trials start.
+When Tune stops a trial at one of its reports (ASHA at a rung), raydet guarantees: the trial trains no iteration
+past the epoch whose report Tune stopped it at (each epoch but the last waits for Tune's decision on its report
+before the next one starts); its result in the study is that epoch's; its checkpoint of that epoch (when
+``checkpoint.interval`` writes one then) is the last it writes and is kept; and its Ray Train workers and their
+resources are released, so the next trials start.
 
 The study lives in ``<work_dir>/tune/<space name>/``: Ray Tune's state, ``runs/<trial id>/`` (the trial's
 ``pipeline.yaml``, ``log.jsonl``, ``starts.jsonl`` and Ray Train checkpoints), and at the end ``results.csv``,

@@ -285,7 +285,8 @@ def test_the_checkpoint_score_must_be_a_metric_the_pipeline_reports(caplog):
         return parse_sections(load_config(QUICKSTART, list(overrides)))
 
     assert sections().checkpoint.score_attribute == "bbox/AP50"
-    assert sections("checkpoint.score_attribute=train/loss", "checkpoint.score_order=min").checkpoint.score_order == "min"
+    by_loss = sections("checkpoint.score_attribute=train/loss", "checkpoint.score_order=min")
+    assert (by_loss.checkpoint.score_attribute, by_loss.checkpoint.score_order) == ("train/loss", "min")
     with pytest.raises(ConfigError, match=r"checkpoint\.score_attribute: 'bbox/AP5' is not a metric raydet reports; "
                                           r"did you mean .*'bbox/AP50'"):
         sections("checkpoint.score_attribute=bbox/AP5")

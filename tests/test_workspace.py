@@ -56,7 +56,8 @@ def test_under_a_ray_job_a_relative_work_dir_goes_to_the_persistent_root(tmp_pat
 
 def test_a_work_dir_inside_a_ray_folder_or_a_uri_is_refused(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"^--out: .*_ray_pkg_0a1b2c3d/out is inside /tmp/ray/session_.*a folder Ray "
-                                          r"creates for a job and deletes with it.*runtime\.work_root.*RAYDET_WORK_ROOT"):
+                                          r"creates for a job and deletes with it"
+                                          r".*runtime\.work_root.*RAYDET_WORK_ROOT"):
         resolve_work_dir(PKG + "/out", key="--out")
     monkeypatch.setenv(WORK_ROOT_ENV, "../../x")  # a relative root still inside the package
     with pytest.raises(ConfigError, match=r"^work_dir: .* is inside /tmp/ray/session_"):
