@@ -7,7 +7,7 @@ file, record, key or iteration concerned, and print only that.
 """
 from __future__ import annotations
 
-__all__ = ["user_errors", "find_user_error"]
+__all__ = ["user_errors", "find_user_error", "wrapped_errors"]
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -35,6 +35,18 @@ def _links(exc: BaseException) -> list[BaseException]:
     return out
 
 
+def wrapped_errors(exc: BaseException):
+    """``exc`` and everything it wraps (see :func:`_links`), breadth-first, each once."""
+    queue, seen = [exc], set()
+    while queue:
+        e = queue.pop(0)
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        queue.extend(_links(e))
+
+
 def find_user_error(exc: BaseException) -> BaseException | None:
     """The first raydet error found breadth-first in what ``exc`` wraps (``exc`` itself included), skipping Ray's
     wrappers that merely subclass it; None when the failure is not one of ours."""
@@ -43,13 +55,7 @@ def find_user_error(exc: BaseException) -> BaseException | None:
     except ImportError:  # no Ray: nothing is wrapped
         RayTaskError = ()
     wanted = user_errors()
-    queue, seen = [exc], set()
-    while queue:
-        e = queue.pop(0)
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+    for e in wrapped_errors(exc):
         if isinstance(e, wanted) and not (RayTaskError and isinstance(e, RayTaskError)):
             return e
-        queue.extend(_links(e))
     return None

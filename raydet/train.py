@@ -35,7 +35,7 @@ from raydet.engine.hooks import (CHECKPOINT_SCORE, CheckpointHook, EpochGateHook
                                  OptimizerHook, ProgressBarHook)
 from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
 from raydet.engine.runner import Runner
-from raydet.errors import find_user_error
+from raydet.errors import find_user_error, wrapped_errors
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
 from raydet.registry import ConfigError, build, build_context, build_dataclass
@@ -603,7 +603,7 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
         # and exits; the command reports it as an interrupt
         raise KeyboardInterrupt from None
     except Exception as exc:
-        if _STORAGE_FAILURE in str(exc) or any(_STORAGE_FAILURE in str(e) for e in _chain(exc)):
+        if any(_STORAGE_FAILURE in str(e) for e in wrapped_errors(exc)):
             raise ConfigError(f"work_dir: {run_dir}: Ray Train's workers cannot reach it from every node; set "
                               f"runtime.work_root or RAYDET_WORK_ROOT (or work_dir) to storage every node mounts "
                               f"(NFS, EFS, Filestore)") from None
@@ -611,15 +611,6 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
     finally:
         if on_main_thread:  # Ray Train leaves its handler installed
             signal.signal(signal.SIGINT, previous_sigint)
-
-
-def _chain(exc: BaseException) -> list[BaseException]:
-    out, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        out.append(exc)
-        exc = exc.__cause__ or exc.__context__
-    return out
 
 
 def _discard_if_empty(plan: RunPlan | None) -> None:
