@@ -325,7 +325,7 @@ def bench_data_in_process(dataset, batch_size: int, seed: int) -> dict:
 
 def bench_data_ray(dataset, sections) -> dict:
     """The training workers' Ray Data stream (actor pool decode + augment, grouped collate), start-up included."""
-    from raydet.train import ray_stream
+    from raydet.commands.loaders import ray_stream
 
     start = time.perf_counter()
     stream = ray_stream(sections)(dataset, dataset.records, True, 0)
@@ -411,7 +411,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _repeat_records(dataset, n: int):
     """A copy of ``dataset`` with exactly ``n`` records (its own, cycled)."""
-    from raydet.train import with_records
+    from raydet.commands.loaders import with_records
 
     if not dataset.records:
         raise ValueError(f"the training dataset {dataset!r} has no images")
@@ -427,7 +427,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from raydet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
     from raydet.engine.optim import parse_optimizer
     from raydet.registry import ConfigError, build_context
-    from raydet.train import build_datasets, parse_sections
+    from raydet.commands.sections import build_datasets, parse_sections
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
         else:
             results["data"]["ray"] = _ray_data(dataset, sections)
     record["table"] = table_rows(results)
-    from raydet.train import work_dir_of
+    from raydet.commands.sections import work_dir_of
     from raydet.workspace import resolve_work_dir
 
     out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
@@ -529,7 +529,7 @@ def _ray_data(dataset, sections) -> dict:
         import ray
     except ImportError:
         return {"path": "ray-data", "skipped": "ray is not installed"}
-    from raydet.train import init_ray
+    from raydet.commands.ray_setup import init_ray
 
     started = not ray.is_initialized()
     init_ray()

@@ -27,7 +27,7 @@ import yaml
 from .registry import ConfigError, build, build_context, closest, error
 
 __all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "parse_path", "format_path",
-           "differences"]
+           "differences", "parse_yaml", "apply_override", "FLOAT_EXP"]
 
 # Top-level keys a pipeline may define. Any other top-level key must be used as a ``${...}`` variable.
 SECTIONS = ("model", "data", "optimizer", "lr_schedule", "train", "evaluation", "hooks", "scaling", "runtime",
@@ -40,7 +40,9 @@ _REF = re.compile(r"\$\{([^${}]*)\}")
 _PATH = re.compile(r"[^.\[\]\s]+(?:\[\d+\])*(?:\.[^.\[\]\s]+(?:\[\d+\])*)*")
 _TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 # YAML 1.1 reads ``1e-4`` (no dot, or an unsigned exponent) as a string; pipelines mean a float.
-_FLOAT_EXP = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+# YAML 1.1 reads 1e-4 as a string; floats in exponent notation without a dot are floats here (shared with tune's
+# writer, so what it writes reads back the same)
+FLOAT_EXP = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 _SCALARS = (str, int, float, bool, type(None))
 
 
@@ -80,12 +82,13 @@ def _represent_list(dumper, data):
 
 
 for _cls in (_Loader, _Dumper):  # the dumper must quote strings that the loader would read as floats
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_EXP, list("-+0123456789"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_EXP, list("-+0123456789"))
 _Dumper.add_representer(list, _represent_list)
 _Dumper.add_representer(tuple, _represent_list)
 
 
-def _parse_yaml(text: str, file: str):
+def parse_yaml(text: str, file: str):
+    """YAML ``text`` (``1e-4`` a float), a syntax error raised as ConfigError naming ``file`` and the line."""
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
@@ -272,7 +275,7 @@ def _load_file(path: str, chain: tuple[str, ...], included_by: str | None, used:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
-    doc = _parse_yaml(text, path)
+    doc = parse_yaml(text, path)
     if doc is None:
         doc = {}
     if not isinstance(doc, dict):
@@ -296,14 +299,15 @@ def _load_file(path: str, chain: tuple[str, ...], included_by: str | None, used:
 # ----------------------------------------------------------------------------------------------------------
 # Overrides, the top-level check and reference resolution.
 
-def _apply_override(data: dict, origins: dict, text: str) -> None:
+def apply_override(data: dict, origins: dict, text: str) -> None:
+    """Apply one ``--set KEY=VALUE`` to ``data`` in place (VALUE parsed as YAML), recording its origin."""
     key, sep, raw = str(text).partition("=")
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"{SET_ORIGIN}: expected KEY=VALUE, got {text!r}")
     if key.startswith("_"):
         raise ConfigError(f"{SET_ORIGIN}: {key}: top-level keys starting with '_' are not kept in a pipeline")
-    value = _parse_yaml(raw, f"{SET_ORIGIN} {key}")
+    value = parse_yaml(raw, f"{SET_ORIGIN} {key}")
     try:
         path = set_by_path(data, key, value)
     except ConfigError as exc:
@@ -438,7 +442,7 @@ def _finalize(raw: dict, raw_origins: dict, used: set, overrides: Iterable[str],
     data, origins = copy.deepcopy(raw), dict(raw_origins)
     overrides = tuple(overrides)
     for text in overrides:
-        _apply_override(data, origins, text)
+        apply_override(data, origins, text)
     used = used | _top_names(data)
     _Resolver(data, origins, file).run()  # a misspelt reference is reported before the key it missed
     _check_top_level(data, origins, file, used)

@@ -126,9 +126,9 @@ def _read_list_file(path: str) -> list[str]:
 
 def _read_coco_images(path: str, img_prefix: str | None) -> list[dict]:
     """``images`` of a COCO json -> ``{"image_id", "path", "height", "width"}`` (sizes 0 when absent)."""
-    from raydet.data.datasets import _load_json  # the readers' json checks and messages
+    from raydet.data.datasets import load_json  # the readers' json checks and messages
 
-    data = _load_json(path)
+    data = load_json(path)
     prefix = img_prefix if img_prefix is not None else os.path.dirname(os.path.abspath(path))
     out, seen = [], set()
     for i, im in enumerate(data["images"]):
@@ -346,7 +346,7 @@ class DetectionPredictor:
         from raydet.config import Config
         from raydet.data.pipeline import build_transforms
         from raydet.engine.checkpoint import load_model_weights
-        from raydet.train import parse_sections
+        from raydet.commands.sections import parse_sections
 
         cv2.setNumThreads(1)
         cfg = Config(pipeline, path, origins)
@@ -594,7 +594,8 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     from raydet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
     from raydet.evaluation.coco import predictions_to_coco_results
     from raydet.registry import build_context
-    from raydet.train import init_ray, parse_sections
+    from raydet.commands.ray_setup import init_ray
+    from raydet.commands.sections import parse_sections
     from raydet.workspace import check_shared_storage, cluster_node_count
 
     formats = tuple(dict.fromkeys(formats))
@@ -733,7 +734,8 @@ def _formats(text: str) -> list[str]:
 def main(argv=None) -> int:
     from raydet.config import load_config
     from raydet.registry import ConfigError
-    from raydet.train import _setup_logging, parse_sections, work_dir_of
+    from raydet.commands.ray_setup import setup_logging
+    from raydet.commands.sections import parse_sections, work_dir_of
     from raydet.workspace import resolve_work_dir
 
     parser = argparse.ArgumentParser(
@@ -762,7 +764,7 @@ def main(argv=None) -> int:
     parser.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                         help="unreadable image: stop with an error (default) or skip it with a warning")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         cfg = load_config(args.pipeline, args.set)
         sections = parse_sections(cfg)

@@ -19,8 +19,10 @@ from raydet.engine.runner import Runner
 from raydet.errors import find_user_error
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
-from raydet.train import (_setup_logging, build_datasets, check_cluster_resources, init_ray, parse_sections, ray_loaders,
-                          resolve_progress, scaling_config, torch_config, work_dir_of, worker_setup)
+from raydet.commands.loaders import ray_loaders
+from raydet.commands.ray_setup import check_cluster_resources, init_ray, scaling_config, setup_logging, torch_config
+from raydet.commands.runner_builder import worker_setup
+from raydet.commands.sections import build_datasets, parse_sections, resolve_progress, work_dir_of
 from raydet.workspace import check_shared_storage, cluster_node_count, resolve_work_dir
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
@@ -115,7 +117,7 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     args = parser.parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         cfg = load_config(args.pipeline, args.set)
         sections = parse_sections(cfg)

@@ -13,324 +13,37 @@ dir, in that checkpoint's run folder; ``--resume PATH`` continues from a given c
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib
 import logging
-import math
 import os
 import signal
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import torch
 
 import raydet.data  # noqa: F401  (registers the dataset and transform types)
 import raydet.models  # noqa: F401  (registers the model components)
+from raydet.commands.loaders import ray_loaders
+from raydet.commands.ray_setup import check_cluster_resources, init_ray, scaling_config, setup_logging, torch_config
+from raydet.commands.runner_builder import build_runner, worker_setup
+from raydet.commands.sections import build_datasets, parse_sections, resolve_progress, work_dir_of
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint
-from raydet.engine.hooks import (CHECKPOINT_SCORE, CheckpointHook, EpochGateHook, EvalHook, LoggerHook, LrSchedulerHook,
-                                 OptimizerHook, ProgressBarHook)
-from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
-from raydet.engine.runner import Runner
+from raydet.engine.hooks import CHECKPOINT_SCORE, EpochGateHook
 from raydet.errors import find_user_error, wrapped_errors
-from raydet.evaluation.evaluator import DatasetEvaluator
-from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
-from raydet.registry import ConfigError, build, build_context, build_dataclass
+from raydet.registry import ConfigError
 from raydet.workspace import (CHECKPOINT_INFO_FILE, check_shared_storage, checkpoint_record, cluster_node_count,
-                              latest_checkpoint, new_attempt_name, new_run_dir, resolve_work_dir,
-                              schedule_differences)
+                              latest_checkpoint, new_attempt_name, new_run_dir, schedule_differences)
 
-__all__ = ["main", "build_runner", "TrainSettings", "QUICKSTART", "parse_sections", "train_loop_per_worker", "fit",
-           "prepare_run", "RunPlan", "work_dir_of"]
+__all__ = ["main", "QUICKSTART", "train_loop_per_worker", "fit", "prepare_run", "RunPlan", "check_resume"]
 
 log = logging.getLogger("raydet")
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
 
 
-# --------------------------------------------------------------------------------------------------- settings
-@dataclass
-class TrainSettings:
-    """``train:`` section."""
-
-    max_epochs: int = 12
-    amp: str | None = None               # null, fp16 or bf16
-    sync_bn: bool = False                # convert BatchNorm to SyncBatchNorm when training on several workers
-    nonfinite_loss: str = "stop"         # stop (error naming the iteration and loss term) or skip the step
-    max_iters_per_epoch: int | None = None  # cap for quick runs and benchmarks
-
-
-@dataclass
-class EvaluationSettings:
-    """``evaluation:`` section."""
-
-    interval: int = 1
-    metric: list[str] = field(default_factory=lambda: ["bbox"])
-    proposal_nums: list[int] = field(default_factory=lambda: [100, 300, 1000])
-
-
-@dataclass
-class ScalingSettings:
-    """``scaling:`` section: Ray Train workers and the Ray Data augmentation actors."""
-
-    num_workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    resources_per_worker: dict | None = None   # extra custom resources, e.g. {gpu_node: 1}
-    data_actors: list[int] = field(default_factory=lambda: [1, 2])   # [min, max] actors per worker's stream
-    data_cpus_per_actor: float = 0.5
-    data_resources: dict | None = None         # e.g. {cpu_node: 0.1} to keep decoding on CPU-only nodes
-    data_batch_size: int = 8                   # images per actor call
-    max_failures: int = 0                      # worker-group restarts from the last checkpoint
-
-
-@dataclass
-class CheckpointSettings:
-    """``checkpoint:`` section."""
-
-    interval: int = 1
-    num_to_keep: int | None = 3          # Ray keeps this many, and always the latest (resume needs it)
-    score_attribute: str | None = None   # e.g. bbox/AP: the kept ones are the best evaluated ones by it
-    score_order: str = "max"
-
-
-@dataclass
-class RuntimeSettings:
-    """``runtime:`` section."""
-
-    log_interval: int = 50
-    tensorboard: bool = True
-    progress: bool | str = "auto"        # progress bars with ETA on rank 0: true, false, or auto (when the
-                                         # command's stderr is a terminal; not in log files or ray job logs)
-    imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
-    work_root: str | None = None         # where a relative work_dir resolves (else $RAYDET_WORK_ROOT; under a Ray
-                                         # job ~/raydet_runs; else the current directory): see raydet.workspace
-    shared_storage: bool = False         # declare the work dir shared by all nodes (a mount raydet does not know)
-
-
-@dataclass
-class DataSettings:
-    """``data:`` section; ``train`` / ``val`` / ``test`` are dataset configs built by the registry."""
-
-    train: dict
-    val: dict | None = None
-    test: dict | None = None
-    num_classes: int | None = None
-    images_per_worker: int = 2
-
-
-@dataclass
-class Sections:
-    train: TrainSettings
-    evaluation: EvaluationSettings
-    scaling: ScalingSettings
-    checkpoint: CheckpointSettings
-    runtime: RuntimeSettings
-    data: DataSettings
-    seed: int
-    work_dir: str
-
-
-def parse_sections(cfg: Config) -> Sections:
-    """Typed, checked views of the pipeline's non-model sections (unknown keys are errors naming the file)."""
-    with build_context(file=cfg.path, origins=cfg.origins):
-        def typed(cls, key):
-            return build_dataclass(cls, dict(cfg.get(key) or {}), key)
-
-        if not cfg.get("data"):
-            raise ConfigError(f"{cfg.path}: data: the pipeline has no data section")
-        sections = Sections(
-            train=typed(TrainSettings, "train"), evaluation=typed(EvaluationSettings, "evaluation"),
-            scaling=typed(ScalingSettings, "scaling"), checkpoint=typed(CheckpointSettings, "checkpoint"),
-            runtime=typed(RuntimeSettings, "runtime"), data=typed(DataSettings, "data"),
-            seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
-        for key, value, allowed in (("train.amp", sections.train.amp, (None, "fp16", "bf16")),
-                                    ("runtime.progress", sections.runtime.progress, (True, False, "auto")),
-                                    ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip")),
-                                    ("checkpoint.score_order", sections.checkpoint.score_order, ("max", "min"))):
-            if value not in allowed:
-                raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
-                                  f"{', '.join(map(str, allowed))}, got {value!r}")
-        score, key = sections.checkpoint.score_attribute, "checkpoint.score_attribute"
-        if score and sections.data.val is None and not TRAIN_METRIC.fullmatch(score):
-            # e.g. `--set data.val=null` on a pipeline that ranks by bbox/AP: nothing is evaluated, so nothing
-            # to rank by; the latest num_to_keep checkpoints are kept
-            log.warning("%s: %s: %s is not evaluated (no data.val): checkpoints are kept by recency", cfg.path, key,
-                        score)
-            sections.checkpoint.score_attribute = None
-        problem = metric_problem(score, sections) if sections.checkpoint.score_attribute else None
-        if problem:
-            raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: {problem}")
-    for module in sections.runtime.imports:
-        importlib.import_module(module)
-    return sections
-
-
-def build_datasets(cfg: Config, sections: Sections, splits=("train", "val")) -> dict:
-    """Build (read and validate) the datasets of the given splits."""
-    out = {}
-    for split in splits:
-        spec = getattr(sections.data, split)
-        if spec is not None:
-            spec = dict(spec)
-            if sections.data.num_classes is not None:
-                spec.setdefault("num_classes", sections.data.num_classes)
-            with build_context(file=cfg.path, origins=cfg.origins):
-                out[split] = build(spec, f"data.{split}")
-    return out
-
-
-# --------------------------------------------------------------------------------------------------- the runner
-def shard_records(records: list, rank: int, world_size: int, seed: int | None, epoch: int, pad: bool) -> list:
-    """This rank's share of the records; shuffled by (seed, epoch) when seed is given; padded (by repeating) so
-    every rank gets the same count when ``pad`` (training: every rank must run the same number of iterations)."""
-    order = np.arange(len(records))
-    if seed is not None:
-        order = np.random.default_rng([seed, epoch]).permutation(len(records))
-    if pad and world_size > 1:
-        total = math.ceil(len(order) / world_size) * world_size
-        order = np.concatenate([order, order[: total - len(order)]])
-    return [records[i] for i in order[rank::world_size]]
-
-
-def with_records(dataset, records: list):
-    """A shallow copy of ``dataset`` holding only ``records``."""
-    shard = copy.copy(dataset)
-    shard.records = records
-    return shard
-
-
-def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_size: int = 1, train_loader=None,
-                 val_loader=None, report=None, work_dir: str | None = None, wrap_model=None, sections=None,
-                 extra_hooks=()) -> Runner:
-    """Model, optimizer, hooks and Runner from a pipeline (plain PyTorch; no Ray needed).
-
-    ``train_loader(epoch)`` / ``val_loader()`` yield batches of this worker; ``wrap_model`` wraps the model for
-    distributed training (e.g. ``ray.train.torch.prepare_model``).
-    """
-    sections = sections or parse_sections(cfg)
-    torch.manual_seed(sections.seed)  # identical initial weights on every rank
-    model = cfg.build("model")
-    if sections.train.sync_bn and world_size > 1:
-        if torch.device(device).type == "cpu":  # torch's SyncBatchNorm runs on accelerators only
-            log.warning("train.sync_bn: SyncBatchNorm needs GPUs; the CPU workers keep per-worker BatchNorm")
-        else:
-            from raydet.models.norm import convert_sync_batchnorm
-
-            model = convert_sync_batchnorm(model)
-    model = wrap_model(model) if wrap_model is not None else model.to(device)
-    torch.manual_seed(sections.seed + rank)  # different sampling on every rank
-
-    with build_context(file=cfg.path, origins=cfg.origins):
-        opt_cfg = parse_optimizer(cfg.get("optimizer"))
-        schedule = parse_lr_schedule(cfg.get("lr_schedule"))
-    total_batch = sections.data.images_per_worker * world_size
-    lr = scaled_lr(opt_cfg, total_batch)
-    optimizer = build_optimizer(model, opt_cfg, lr)
-
-    hooks = [LrSchedulerHook(lr, schedule),
-             OptimizerHook(opt_cfg.grad_clip, fp16_scaler=sections.train.amp == "fp16",
-                           nonfinite=sections.train.nonfinite_loss, device=torch.device(device).type),
-             CheckpointHook(sections.checkpoint.interval, sections.checkpoint.score_attribute,
-                            sections.checkpoint.score_order),
-             LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
-    if sections.runtime.progress is True:  # fit() / evaluate() resolve "auto" on the driver
-        hooks.append(ProgressBarHook())
-    if "val" in datasets:
-        evaluator = DatasetEvaluator(datasets["val"], sections.evaluation.metric, sections.evaluation.proposal_nums)
-        hooks.append(EvalHook(evaluator, sections.evaluation.interval))
-    for i, spec in enumerate(cfg.get("hooks") or []):
-        with build_context(file=cfg.path, origins=cfg.origins):
-            hooks.append(build(spec, f"hooks[{i}]"))
-    hooks.extend(extra_hooks)
-
-    n_train = len(datasets["train"].records)
-    per_rank = math.ceil(n_train / world_size)
-    iters = max(per_rank // sections.data.images_per_worker, 1)
-    if sections.train.max_iters_per_epoch:
-        iters = min(iters, sections.train.max_iters_per_epoch)
-    meta = {"pipeline": cfg.to_yaml(), "classes": list(datasets["train"].classes),
-            "cat_ids": list(datasets["train"].cat_ids)}
-    val_images = len(datasets["val"].records[rank::world_size]) if "val" in datasets else None
-    return Runner(model, optimizer, train_loader=train_loader, val_loader=val_loader,
-                  max_epochs=sections.train.max_epochs, hooks=hooks, device=device, amp=sections.train.amp,
-                  report=report, work_dir=work_dir, iters_per_epoch=iters, meta=meta, val_images=val_images)
-
-
-def take(iterable, n: int):
-    """The first ``n`` items of ``iterable``; a generator is closed right after (so a Ray Data stream stops now,
-    not when it is garbage-collected)."""
-    try:
-        for i, item in enumerate(iterable):
-            if i >= n:
-                return
-            yield item
-    finally:
-        close = getattr(iterable, "close", None)
-        if close is not None:
-            close()
-
-
 # --------------------------------------------------------------------------------------------------- Ray worker
-def ray_stream(sections: Sections):
-    """``(dataset, records, train, epoch) -> batches``: records -> Ray Data actor pool (decode + augment) ->
-    aspect-ratio-grouped (training) or in-order (evaluation) batches."""
-    from raydet.data.pipeline import build_transforms
-    from raydet.data.ray_data import build_ray_dataset, iter_detection_batches
-
-    import ray.data
-
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False  # the LoggerHook reports progress; bars only add blank lines to worker logs
-    context.print_on_execution_start = False
-    context.raise_original_map_exception = True  # a bad image reaches the command as our error, not UserCodeException
-    sc, batch_size = sections.scaling, sections.data.images_per_worker
-    actors = tuple(sc.data_actors) if len(sc.data_actors) > 1 else sc.data_actors[0]
-
-    def stream(dataset, records, train: bool, epoch: int):
-        ds = build_ray_dataset(with_records(dataset, records), train=train, seed=sections.seed, epoch=epoch,
-                               num_actors=actors, num_cpus_per_actor=sc.data_cpus_per_actor,
-                               actor_batch_size=sc.data_batch_size, resources=sc.data_resources)
-        _, collate_cfg = build_transforms(dataset.pipeline)
-        return iter_detection_batches(ds, batch_size, collate_cfg, with_masks=getattr(dataset, "with_masks", False),
-                                      train=train)
-
-    return stream
-
-
-def ray_loaders(datasets: dict, sections: Sections, rank: int, world_size: int, iters_per_epoch: int):
-    """This rank's per-epoch training stream (exactly ``iters_per_epoch`` batches) and evaluation stream."""
-    stream = ray_stream(sections)
-    train_loader = val_loader = None
-    if "train" in datasets:
-        train_ds = datasets["train"]
-
-        def train_loader(epoch: int):
-            records = shard_records(train_ds.records, rank, world_size, sections.seed, epoch, pad=True)
-            return take(stream(train_ds, records, True, epoch), iters_per_epoch)
-
-    if "val" in datasets:
-        val_ds = datasets["val"]
-
-        def val_loader():
-            return stream(val_ds, shard_records(val_ds.records, rank, world_size, None, 0, pad=False), False, 0)
-
-    return train_loader, val_loader
-
-
-def worker_setup(config: dict):
-    """Inside a Ray Train worker: (pipeline Config, its Sections, rank, world size, device)."""
-    import ray.train
-    import ray.train.torch
-
-    _setup_logging()
-    cfg = Config(config["pipeline"], config["path"], config["origins"])
-    ctx = ray.train.get_context()
-    return cfg, parse_sections(cfg), ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device()
 
 
 def train_loop_per_worker(config: dict) -> dict:
@@ -387,95 +100,6 @@ def train_loop_per_worker(config: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def _setup_logging():
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stdout, force=False)
-    logging.getLogger("raydet").setLevel(logging.INFO)
-
-
-def init_ray():
-    """Connect to the cluster in RAY_ADDRESS (``ray job submit``) or a running local one; else start one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(logging_level=logging.WARNING, log_to_driver=True)
-
-
-def check_cluster_resources(sections: Sections) -> None:
-    """Fail clearly, instead of waiting forever, when no node has a custom resource the pipeline places workers or
-    actors with, or when the training workers leave no CPU for the decode actors.
-
-    Ray Train workers hold their CPUs for the whole run; each worker's Ray Data stream needs at least
-    ``data_actors[0]`` actors of ``data_cpus_per_actor`` CPUs on top. On a cluster we connected to (RAY_ADDRESS,
-    e.g. under ``ray job submit``), which may autoscale, this is only a warning.
-    """
-    import ray
-
-    sc = sections.scaling
-    total_resources = ray.cluster_resources()
-    for key, wanted in (("scaling.resources_per_worker", sc.resources_per_worker),
-                        ("scaling.data_resources", sc.data_resources)):
-        missing = sorted(set(wanted or {}) - set(total_resources))
-        if missing:
-            custom = sorted(k for k in total_resources if k not in ("CPU", "GPU", "memory", "object_store_memory")
-                            and not k.startswith("node:"))
-            message = (f"{key}: no node of the cluster has the resource(s) {missing} (custom resources here: "
-                       f"{custom or 'none'}); the Ray Train workers or decode actors would wait forever. Declare "
-                       f"them on the node types (see clusters/) or remove them from the pipeline.")
-            if os.environ.get("RAY_ADDRESS"):  # a cluster we joined may autoscale such nodes in
-                log.warning(message)
-            else:
-                raise ConfigError(message)
-    if sc.data_resources:  # actors go to other (CPU-only) nodes
-        return
-    workers = sc.num_workers * sc.cpus_per_worker
-    actors = sc.num_workers * sc.data_actors[0] * sc.data_cpus_per_actor
-    total = total_resources.get("CPU", 0.0)
-    if workers + actors <= total + 1e-9:
-        return
-    message = (f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker} CPU + {sc.num_workers} x "
-               f"{sc.data_actors[0]} decode actors x {sc.data_cpus_per_actor} CPU = {workers + actors:g} CPUs, but the "
-               f"cluster has {total:g}; the data pipeline would wait forever. Lower scaling.cpus_per_worker or "
-               f"scaling.data_cpus_per_actor, or use fewer workers.")
-    if os.environ.get("RAY_ADDRESS"):
-        log.warning(message)
-    else:
-        raise ConfigError(message)
-
-
-def scaling_config(sections: Sections):
-    """Ray Train's ScalingConfig from the pipeline's ``scaling:`` section."""
-    from ray.train import ScalingConfig
-
-    sc = sections.scaling
-    resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
-    if sc.use_gpu:
-        resources["GPU"] = sc.gpus_per_worker
-    return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
-
-
-def resolve_progress(cfg: Config) -> Config:
-    """``runtime.progress: auto`` -> true when this (driver) process's stderr is a terminal, else false: the
-    workers, whose output Ray forwards, cannot tell."""
-    if cfg.get("runtime.progress", "auto") == "auto":
-        return cfg.with_overrides([f"runtime.progress={'true' if sys.stderr.isatty() else 'false'}"])
-    return cfg
-
-
-def torch_config(sections: Sections):
-    """Ray Train's TorchConfig: the DDP process-group backend, NCCL between GPU workers, gloo between CPU ones."""
-    from ray.train.torch import TorchConfig
-
-    return TorchConfig(backend="nccl" if sections.scaling.use_gpu else "gloo")
-
-
-def work_dir_of(cfg: Config, sections: Sections, work_dir: str | None = None, key: str = "--work-dir") -> str:
-    """The command's work dir: ``work_dir`` (``--work-dir``) if given, else ``<pipeline work_dir>/<pipeline name>``,
-    resolved by :func:`raydet.workspace.resolve_work_dir` (never inside a folder Ray deletes)."""
-    if work_dir is None:
-        work_dir, key = os.path.join(sections.work_dir, Path(cfg.path or "pipeline").stem), "work_dir"
-    return resolve_work_dir(work_dir, work_root=sections.runtime.work_root, key=key)
 
 
 @dataclass
@@ -640,7 +264,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if isinstance(args.resume, str) and args.resume.endswith((".yaml", ".yml")) and args.pipeline is None:
         args.pipeline, args.resume = args.resume, True  # `--resume PIPELINE.yaml`: the flag, then the pipeline
-    _setup_logging()
+    setup_logging()
     pipeline = Path(args.pipeline) if args.pipeline else QUICKSTART
     plan = None
     try:

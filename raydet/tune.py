@@ -65,8 +65,8 @@ from typing import Any
 
 import yaml
 
-from raydet.config import (_FLOAT_EXP, Config, _apply_override, _parse_yaml, differences, format_path, get_by_path,
-                           load_config, parse_path)
+from raydet.config import (FLOAT_EXP, Config, apply_override, differences, format_path, get_by_path, load_config,
+                           parse_path, parse_yaml)
 from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
 from raydet.registry import ConfigError, build_context, closest
 from raydet.workspace import check_shared_storage, cluster_node_count, latest_checkpoint, resolve_work_dir
@@ -242,7 +242,7 @@ def load_space(path: str | os.PathLike, overrides=(), text: str | None = None) -
                 text = f.read()
         except FileNotFoundError:
             raise ConfigError(f"{path}: file not found") from None
-    doc = _parse_yaml(text, path)
+    doc = parse_yaml(text, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of {', '.join(SPACE_KEYS)}")
     for key in doc:
@@ -326,7 +326,7 @@ class _FlowDumper(yaml.SafeDumper):
         return True
 
 
-_FlowDumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_EXP, list("-+0123456789"))
+_FlowDumper.add_implicit_resolver("tag:yaml.org,2002:float", FLOAT_EXP, list("-+0123456789"))
 
 
 def _plain(value):
@@ -389,7 +389,7 @@ def raw_data(cfg: Config) -> dict:
     raw, origins, _, overrides = cfg._source
     data = copy.deepcopy(raw)
     for text in overrides:
-        _apply_override(data, dict(origins), text)
+        apply_override(data, dict(origins), text)
     return data
 
 
@@ -469,7 +469,7 @@ def _check_changed(cfg: Config, path: str) -> None:
 
 def _check_sections(cfg: Config) -> Any:
     from raydet.engine.optim import parse_lr_schedule, parse_optimizer
-    from raydet.train import parse_sections
+    from raydet.commands.sections import parse_sections
 
     sections = parse_sections(cfg)
     with build_context(file=cfg.path, origins=cfg.origins):
@@ -549,7 +549,7 @@ def _max_epochs(space: Space, base: Config) -> int:
 def _concurrency(space: Space, base: Config) -> int:
     """Trials that fit at once: each holds its driver, its workers and their decode actors for the whole run."""
     import ray
-    from raydet.train import parse_sections
+    from raydet.commands.sections import parse_sections
 
     sc = parse_sections(base).scaling
     cpus = space.driver_cpus + sc.num_workers * sc.cpus_per_worker
@@ -707,9 +707,10 @@ def trial_driver(config: dict, study: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raydet.train import _setup_logging, fit
+    from raydet.commands.ray_setup import setup_logging
+    from raydet.train import fit
 
-    _setup_logging()
+    setup_logging()
     # Tune runs the trainable in its trial folder; the pipeline's relative paths (data_root) mean the start one.
     os.chdir(os.environ.get("TUNE_ORIG_WORKING_DIR", os.getcwd()))
     trial_id = tune.get_context().get_trial_id()
@@ -762,7 +763,7 @@ def run_study(space: Space, *, work_dir: str | None = None, resume: bool = False
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from raydet.train import init_ray
+    from raydet.commands.ray_setup import init_ray
 
     base = validate_space(space)
     folder = study_dir(space, base, work_dir)
@@ -970,9 +971,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work-dir", default=None,
                         help="the study goes to WORK_DIR/tune/<space name> (default: the pipeline's work_dir)")
     args = parser.parse_args(argv)
-    from raydet.train import _setup_logging
+    from raydet.commands.ray_setup import setup_logging
 
-    _setup_logging()
+    setup_logging()
     try:
         space = (_resume_space(args.space, args.set, args.work_dir) if args.resume
                  else load_space(args.space, args.set))

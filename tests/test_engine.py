@@ -155,7 +155,8 @@ TINY_FASTER = [
 
 def _tiny_run(tmp_path, epochs, state=None, overrides=(), before_run=None):
     import raydet.models  # noqa: F401
-    from raydet.train import build_runner, parse_sections
+    from raydet.commands.runner_builder import build_runner
+    from raydet.commands.sections import parse_sections
 
     cfg = load_config(ROOT / "pipelines" / "faster_rcnn_r50_fpn_1x_coco.yaml",
                       TINY_FASTER + [f"train.max_epochs={epochs}", "data.images_per_worker=2", *overrides])
@@ -307,7 +308,7 @@ def test_mixed_precision_computes_in_half_and_keeps_fp32_weights(tmp_path, amp, 
 
 def test_a_wrong_amp_or_nonfinite_setting_names_the_key():
     from raydet.registry import ConfigError
-    from raydet.train import parse_sections
+    from raydet.commands.sections import parse_sections
 
     for override, key in (("train.amp=fp32", "train.amp"), ("train.nonfinite_loss=ignore", "train.nonfinite_loss")):
         cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", [override])
@@ -321,7 +322,8 @@ def test_sync_bn_converts_every_batchnorm_on_gpu_workers_only(caplog):
     and running statistics; CPU workers (where torch's SyncBatchNorm cannot run) keep BatchNorm with a warning;
     one worker needs no conversion."""
     import raydet.models  # noqa: F401
-    from raydet.train import build_runner, parse_sections
+    from raydet.commands.runner_builder import build_runner
+    from raydet.commands.sections import parse_sections
 
     cfg = load_config(ROOT / "pipelines" / "quickstart.yaml", ["train.sync_bn=true"])
 

@@ -159,7 +159,8 @@ def test_progress_auto_means_a_terminal_on_the_driver(monkeypatch):
     import raydet.models  # noqa: F401
     from raydet.config import load_config
     from raydet.registry import ConfigError
-    from raydet.train import build_runner, parse_sections, resolve_progress
+    from raydet.commands.runner_builder import build_runner
+    from raydet.commands.sections import parse_sections, resolve_progress
 
     quickstart = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
 

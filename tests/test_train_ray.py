@@ -254,7 +254,8 @@ def test_placement_resources_reach_ray_and_must_exist(ray_session):
     """scaling.resources_per_worker goes to Ray Train's workers; a custom resource no node declares fails before
     anything waits for it, naming the key; with the actors on cpu_node nodes the CPU budget leaves them out."""
     from raydet.registry import ConfigError
-    from raydet.train import check_cluster_resources, parse_sections, scaling_config, torch_config
+    from raydet.commands.ray_setup import check_cluster_resources, scaling_config, torch_config
+    from raydet.commands.sections import parse_sections
 
     def sections(*overrides):
         return parse_sections(load_config(QUICKSTART, list(overrides)))
@@ -279,7 +280,7 @@ def test_the_checkpoint_score_must_be_a_metric_the_pipeline_reports(caplog):
     """checkpoint.score_attribute ranks the kept checkpoints: a name raydet never reports, or one the pipeline's
     evaluation does not compute, fails naming the key; with no data.val nothing is ranked (recency, one warning)."""
     from raydet.registry import ConfigError
-    from raydet.train import parse_sections
+    from raydet.commands.sections import parse_sections
 
     def sections(*overrides):
         return parse_sections(load_config(QUICKSTART, list(overrides)))

@@ -13,7 +13,7 @@ import pytest
 
 from raydet.config import load_config
 from raydet.registry import ConfigError
-from raydet.train import parse_sections
+from raydet.commands.sections import parse_sections
 from raydet.tune import (build_scheduler, fragment_overrides, load_base, load_space, main, raw_data, trial_config,
                          validate_space)
 
@@ -389,6 +389,7 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(ray_session, tmp_path):
                       metric="train/loss")
     overrides = SMALL + ["train.max_epochs=2", "data.train.num_images=8", "data.val=null",
                          "lr_schedule.warmup=null"]
+    before = set(ray.util.placement_group_table())  # earlier tests' groups may still be on their way out
     assert main([str(path), "--work-dir", str(tmp_path / "w"), "--set", *overrides]) == 0
     folder = tmp_path / "w" / "tune" / "study"
     rows = {float(r["optimizer.lr"]): r for r in _rows(folder)}
@@ -402,10 +403,11 @@ def test_asha_stops_the_worse_trial_at_its_first_rung(ray_session, tmp_path):
     # its epoch-1 checkpoint is the last it wrote, and kept: a resumed study would start from it
     assert [c.epoch for c in find_checkpoints(run)] == [1] and latest_checkpoint(run).epoch == 1
     assert not (run / "continue_1").exists()  # Tune never told it to go on
-    # and its workers' resources are back: no placement group is left holding them
+    # and its workers' resources are back: no placement group of this study is left holding them
     deadline = time.monotonic() + 300
     while True:
-        held = [pg for pg in ray.util.placement_group_table().values() if pg["state"] == "CREATED"]
+        held = [pg for pg_id, pg in ray.util.placement_group_table().items()
+                if pg_id not in before and pg["state"] == "CREATED"]
         if not held or time.monotonic() > deadline:
             break
         time.sleep(0.5)

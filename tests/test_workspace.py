@@ -69,7 +69,7 @@ def test_a_work_dir_inside_a_ray_folder_or_a_uri_is_refused(tmp_path, monkeypatc
 
 def test_the_train_command_resolves_its_work_dir_by_the_rule(tmp_path, monkeypatch):
     from raydet.config import load_config
-    from raydet.train import parse_sections, work_dir_of
+    from raydet.commands.sections import parse_sections, work_dir_of
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config(QUICKSTART)

@@ -31,7 +31,7 @@ from .pipeline import build_transforms
 from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
-           "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError"]
+           "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError"]
 
 logger = logging.getLogger(__name__)
 
@@ -316,7 +316,8 @@ def _check_num_classes(num_classes: int | None, classes: Sequence[str], source: 
 # ----------------------------------------------------------------------------------------------------------
 # COCO
 
-def _load_json(path: str) -> dict:
+def load_json(path: str) -> dict:
+    """A JSON annotation file's top-level object; a missing, unreadable or malformed file is an error naming it."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -388,7 +389,7 @@ class CocoDataset(DetectionDataset):
         self.sources = self.ann_file
         self.filter_empty_gt, self.with_masks, self.on_error = filter_empty_gt, with_masks, on_error
         self._set_pipeline(pipeline)
-        data = _load_json(self.ann_file)
+        data = load_json(self.ann_file)
         self._read_categories(data["categories"], classes)
         _check_num_classes(num_classes, self.classes, self.ann_file)
         problems = _Problems(self.ann_file)
@@ -559,7 +560,7 @@ class CocoDataset(DetectionDataset):
         if self._coco_gt is None:
             from pycocotools.coco import COCO
 
-            data = _load_json(self.ann_file)
+            data = load_json(self.ann_file)
             image_ids = {r["image_id"] for r in self.records}
             ann_ids = {a for r in self.records for a in r["ann_ids"]}
             cat_ids = set(self.cat_ids)

@@ -1,0 +1,172 @@
+"""The pipeline's non-model sections as typed settings, shared by every command.
+
+``train:``, ``evaluation:``, ``scaling:``, ``checkpoint:``, ``runtime:`` and ``data:`` are read into dataclasses
+(unknown keys are errors naming the file and key, with a "did you mean"); :func:`parse_sections` returns them
+together as :class:`Sections`. Plain Python: no Ray.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raydet.config import Config
+from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
+from raydet.registry import ConfigError, build, build_context, build_dataclass
+from raydet.workspace import resolve_work_dir
+
+__all__ = ["TrainSettings", "EvaluationSettings", "ScalingSettings", "CheckpointSettings", "RuntimeSettings",
+           "DataSettings", "Sections", "parse_sections", "build_datasets", "resolve_progress", "work_dir_of"]
+
+log = logging.getLogger("raydet")
+
+
+@dataclass
+class TrainSettings:
+    """``train:`` section."""
+
+    max_epochs: int = 12
+    amp: str | None = None               # null, fp16 or bf16
+    sync_bn: bool = False                # convert BatchNorm to SyncBatchNorm when training on several workers
+    nonfinite_loss: str = "stop"         # stop (error naming the iteration and loss term) or skip the step
+    max_iters_per_epoch: int | None = None  # cap for quick runs and benchmarks
+
+
+@dataclass
+class EvaluationSettings:
+    """``evaluation:`` section."""
+
+    interval: int = 1
+    metric: list[str] = field(default_factory=lambda: ["bbox"])
+    proposal_nums: list[int] = field(default_factory=lambda: [100, 300, 1000])
+
+
+@dataclass
+class ScalingSettings:
+    """``scaling:`` section: Ray Train workers and the Ray Data augmentation actors."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    resources_per_worker: dict | None = None   # extra custom resources, e.g. {gpu_node: 1}
+    data_actors: list[int] = field(default_factory=lambda: [1, 2])   # [min, max] actors per worker's stream
+    data_cpus_per_actor: float = 0.5
+    data_resources: dict | None = None         # e.g. {cpu_node: 0.1} to keep decoding on CPU-only nodes
+    data_batch_size: int = 8                   # images per actor call
+    max_failures: int = 0                      # worker-group restarts from the last checkpoint
+
+
+@dataclass
+class CheckpointSettings:
+    """``checkpoint:`` section."""
+
+    interval: int = 1
+    num_to_keep: int | None = 3          # Ray keeps this many, and always the latest (resume needs it)
+    score_attribute: str | None = None   # e.g. bbox/AP: the kept ones are the best evaluated ones by it
+    score_order: str = "max"
+
+
+@dataclass
+class RuntimeSettings:
+    """``runtime:`` section."""
+
+    log_interval: int = 50
+    tensorboard: bool = True
+    progress: bool | str = "auto"        # progress bars with ETA on rank 0: true, false, or auto (when the
+                                         # command's stderr is a terminal; not in log files or ray job logs)
+    imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
+    work_root: str | None = None         # where a relative work_dir resolves (else $RAYDET_WORK_ROOT; under a Ray
+                                         # job ~/raydet_runs; else the current directory): see raydet.workspace
+    shared_storage: bool = False         # declare the work dir shared by all nodes (a mount raydet does not know)
+
+
+@dataclass
+class DataSettings:
+    """``data:`` section; ``train`` / ``val`` / ``test`` are dataset configs built by the registry."""
+
+    train: dict
+    val: dict | None = None
+    test: dict | None = None
+    num_classes: int | None = None
+    images_per_worker: int = 2
+
+
+@dataclass
+class Sections:
+    train: TrainSettings
+    evaluation: EvaluationSettings
+    scaling: ScalingSettings
+    checkpoint: CheckpointSettings
+    runtime: RuntimeSettings
+    data: DataSettings
+    seed: int
+    work_dir: str
+
+
+def parse_sections(cfg: Config) -> Sections:
+    """Typed, checked views of the pipeline's non-model sections (unknown keys are errors naming the file)."""
+    with build_context(file=cfg.path, origins=cfg.origins):
+        def typed(cls, key):
+            return build_dataclass(cls, dict(cfg.get(key) or {}), key)
+
+        if not cfg.get("data"):
+            raise ConfigError(f"{cfg.path}: data: the pipeline has no data section")
+        sections = Sections(
+            train=typed(TrainSettings, "train"), evaluation=typed(EvaluationSettings, "evaluation"),
+            scaling=typed(ScalingSettings, "scaling"), checkpoint=typed(CheckpointSettings, "checkpoint"),
+            runtime=typed(RuntimeSettings, "runtime"), data=typed(DataSettings, "data"),
+            seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
+        for key, value, allowed in (("train.amp", sections.train.amp, (None, "fp16", "bf16")),
+                                    ("runtime.progress", sections.runtime.progress, (True, False, "auto")),
+                                    ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip")),
+                                    ("checkpoint.score_order", sections.checkpoint.score_order, ("max", "min"))):
+            if value not in allowed:
+                raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
+                                  f"{', '.join(map(str, allowed))}, got {value!r}")
+        score, key = sections.checkpoint.score_attribute, "checkpoint.score_attribute"
+        if score and sections.data.val is None and not TRAIN_METRIC.fullmatch(score):
+            # e.g. `--set data.val=null` on a pipeline that ranks by bbox/AP: nothing is evaluated, so nothing
+            # to rank by; the latest num_to_keep checkpoints are kept
+            log.warning("%s: %s: %s is not evaluated (no data.val): checkpoints are kept by recency", cfg.path, key,
+                        score)
+            sections.checkpoint.score_attribute = None
+        problem = metric_problem(score, sections) if sections.checkpoint.score_attribute else None
+        if problem:
+            raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: {problem}")
+    for module in sections.runtime.imports:
+        importlib.import_module(module)
+    return sections
+
+
+def build_datasets(cfg: Config, sections: Sections, splits=("train", "val")) -> dict:
+    """Build (read and validate) the datasets of the given splits."""
+    out = {}
+    for split in splits:
+        spec = getattr(sections.data, split)
+        if spec is not None:
+            spec = dict(spec)
+            if sections.data.num_classes is not None:
+                spec.setdefault("num_classes", sections.data.num_classes)
+            with build_context(file=cfg.path, origins=cfg.origins):
+                out[split] = build(spec, f"data.{split}")
+    return out
+
+
+def resolve_progress(cfg: Config) -> Config:
+    """``runtime.progress: auto`` -> true when this (driver) process's stderr is a terminal, else false: the
+    workers, whose output Ray forwards, cannot tell."""
+    if cfg.get("runtime.progress", "auto") == "auto":
+        return cfg.with_overrides([f"runtime.progress={'true' if sys.stderr.isatty() else 'false'}"])
+    return cfg
+
+
+def work_dir_of(cfg: Config, sections: Sections, work_dir: str | None = None, key: str = "--work-dir") -> str:
+    """The command's work dir: ``work_dir`` (``--work-dir``) if given, else ``<pipeline work_dir>/<pipeline name>``,
+    resolved by :func:`raydet.workspace.resolve_work_dir` (never inside a folder Ray deletes)."""
+    if work_dir is None:
+        work_dir, key = os.path.join(sections.work_dir, Path(cfg.path or "pipeline").stem), "work_dir"
+    return resolve_work_dir(work_dir, work_root=sections.runtime.work_root, key=key)
