@@ -10,15 +10,17 @@ import math
 
 import torch
 
+import raydet.data  # noqa: F401  (registers the dataset and transform types)
+import raydet.models  # noqa: F401  (registers the model components)
 from raydet.commands.ray_setup import setup_logging
 from raydet.commands.sections import parse_sections
 from raydet.config import Config
 from raydet.engine.hooks import (CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook,
-                                 ProgressBarHook)
+                                 ProgressBarHook, build_hook)
 from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
 from raydet.engine.runner import Runner
 from raydet.evaluation.evaluator import DatasetEvaluator
-from raydet.registry import build, build_context
+from raydet.registry import build_context
 
 __all__ = ["build_runner", "worker_setup"]
 
@@ -62,11 +64,11 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
     if sections.runtime.progress is True:  # fit() / evaluate() resolve "auto" on the driver
         hooks.append(ProgressBarHook())
     if "val" in datasets:
-        evaluator = DatasetEvaluator(datasets["val"], sections.evaluation.metric, sections.evaluation.proposal_nums)
+        evaluator = DatasetEvaluator.from_settings(datasets["val"], sections.evaluation)
         hooks.append(EvalHook(evaluator, sections.evaluation.interval))
     for i, spec in enumerate(cfg.get("hooks") or []):
         with build_context(file=cfg.path, origins=cfg.origins):
-            hooks.append(build(spec, f"hooks[{i}]"))
+            hooks.append(build_hook(spec, f"hooks[{i}]"))
     hooks.extend(extra_hooks)
 
     n_train = len(datasets["train"].records)

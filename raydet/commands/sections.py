@@ -13,9 +13,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import raydet.data  # noqa: F401  (registers the dataset and transform types built by build_datasets)
 from raydet.config import Config
-from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
-from raydet.registry import ConfigError, build, build_context, build_dataclass
+from raydet.evaluation.metric_names import TRAIN_METRIC, evaluation_metric_problem, metric_problem
+from raydet.registry import ConfigError, build, build_context, build_dataclass, closest, error
 from raydet.workspace import resolve_work_dir
 
 __all__ = ["TrainSettings", "EvaluationSettings", "ScalingSettings", "CheckpointSettings", "RuntimeSettings",
@@ -42,6 +43,7 @@ class EvaluationSettings:
     interval: int = 1
     metric: list[str] = field(default_factory=lambda: ["bbox"])
     proposal_nums: list[int] = field(default_factory=lambda: [100, 300, 1000])
+    voc_mode: str = "area"               # voc_map's AP: area (VOC2010+) or 11points (VOC2007; MMDetection's eval_mode)
 
 
 @dataclass
@@ -119,14 +121,17 @@ def parse_sections(cfg: Config) -> Sections:
             train=typed(TrainSettings, "train"), evaluation=typed(EvaluationSettings, "evaluation"),
             scaling=typed(ScalingSettings, "scaling"), checkpoint=typed(CheckpointSettings, "checkpoint"),
             runtime=typed(RuntimeSettings, "runtime"), data=typed(DataSettings, "data"),
-            seed=int(cfg.get("seed", 0)), work_dir=str(cfg.get("work_dir", "work_dirs/")))
+            seed=cfg.get("seed", 0), work_dir=cfg.get("work_dir", "work_dirs/"))
         for key, value, allowed in (("train.amp", sections.train.amp, (None, "fp16", "bf16")),
                                     ("runtime.progress", sections.runtime.progress, (True, False, "auto")),
                                     ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip")),
-                                    ("checkpoint.score_order", sections.checkpoint.score_order, ("max", "min"))):
+                                    ("checkpoint.score_order", sections.checkpoint.score_order, ("max", "min")),
+                                    ("evaluation.voc_mode", sections.evaluation.voc_mode, ("area", "11points"))):
             if value not in allowed:
-                raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: expected one of "
-                                  f"{', '.join(map(str, allowed))}, got {value!r}")
+                names = [a for a in allowed if isinstance(a, str)]
+                shown = ", ".join(a if isinstance(a, str) else str(a).lower().replace("none", "null") for a in allowed)
+                raise error(key, f"expected one of {shown}, got {value!r}{closest(str(value), names)}")
+        _check_values(sections)
         score, key = sections.checkpoint.score_attribute, "checkpoint.score_attribute"
         if score and sections.data.val is None and not TRAIN_METRIC.fullmatch(score):
             # e.g. `--set data.val=null` on a pipeline that ranks by bbox/AP: nothing is evaluated, so nothing
@@ -137,9 +142,51 @@ def parse_sections(cfg: Config) -> Sections:
         problem = metric_problem(score, sections) if sections.checkpoint.score_attribute else None
         if problem:
             raise ConfigError(f"{cfg.origins.get(key, cfg.path)}: {key}: {problem}")
-    for module in sections.runtime.imports:
-        importlib.import_module(module)
+        for i, module in enumerate(sections.runtime.imports):
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise error(f"runtime.imports[{i}]", f"cannot import {module!r}: {exc}") from None
     return sections
+
+
+def _check_values(s: Sections) -> None:
+    """The ranges of the sections' values (types are checked by the dataclasses); errors name the dotted key."""
+    def need(ok: bool, key: str, what: str, value) -> None:
+        if not ok:
+            raise error(key, f"must be {what}, got {value!r}")
+
+    for key, value in (("train.max_epochs", s.train.max_epochs), ("evaluation.interval", s.evaluation.interval),
+                       ("checkpoint.interval", s.checkpoint.interval), ("runtime.log_interval", s.runtime.log_interval),
+                       ("data.images_per_worker", s.data.images_per_worker),
+                       ("scaling.num_workers", s.scaling.num_workers),
+                       ("scaling.data_batch_size", s.scaling.data_batch_size)):
+        need(value >= 1, key, ">= 1", value)
+    for key, value in (("train.max_iters_per_epoch", s.train.max_iters_per_epoch),
+                       ("checkpoint.num_to_keep", s.checkpoint.num_to_keep), ("data.num_classes", s.data.num_classes)):
+        need(value is None or value >= 1, key, ">= 1 or null", value)
+    for key, value in (("scaling.cpus_per_worker", s.scaling.cpus_per_worker),
+                       ("scaling.gpus_per_worker", s.scaling.gpus_per_worker),
+                       ("scaling.data_cpus_per_actor", s.scaling.data_cpus_per_actor)):
+        need(value >= 0, key, ">= 0", value)
+    need(not s.scaling.use_gpu or s.scaling.gpus_per_worker > 0, "scaling.gpus_per_worker", "> 0 with use_gpu: true",
+         s.scaling.gpus_per_worker)
+    need(s.scaling.max_failures >= -1, "scaling.max_failures", ">= 0 (or -1: no limit)", s.scaling.max_failures)
+    actors = s.scaling.data_actors
+    need(len(actors) == 2 and 1 <= actors[0] <= actors[1], "scaling.data_actors", "[min, max] with 1 <= min <= max",
+         actors)
+    for key in ("resources_per_worker", "data_resources"):
+        for name, amount in (getattr(s.scaling, key) or {}).items():
+            need(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount >= 0,
+                 f"scaling.{key}.{name}", "a number >= 0", amount)
+    for i, name in enumerate(s.evaluation.metric):
+        problem = evaluation_metric_problem(name)
+        if problem:
+            raise error(f"evaluation.metric[{i}]", problem)
+    for i, n in enumerate(s.evaluation.proposal_nums):
+        need(n >= 1, f"evaluation.proposal_nums[{i}]", ">= 1", n)
+    need(isinstance(s.seed, int) and not isinstance(s.seed, bool), "seed", "an int", s.seed)
+    need(isinstance(s.work_dir, str) and bool(s.work_dir), "work_dir", "a folder path", s.work_dir)
 
 
 def build_datasets(cfg: Config, sections: Sections, splits=("train", "val")) -> dict:
