@@ -4,11 +4,11 @@ CPU and CUDA tensors."""
 from .bbox_overlaps import bbox_overlaps
 from .deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack, deform_conv2d
 from .focal_loss import sigmoid_focal_loss
-from .nms import batched_nms, multiclass_nms, nms, soft_nms
+from .nms import batched_nms, batched_soft_nms, multiclass_nms, nms, soft_nms
 from .roi_ops import RoIAlign, RoIPool, roi_align, roi_pool
 
 __all__ = [
-    "nms", "batched_nms", "soft_nms", "multiclass_nms",
+    "nms", "batched_nms", "soft_nms", "batched_soft_nms", "multiclass_nms",
     "roi_align", "roi_pool", "RoIAlign", "RoIPool",
     "bbox_overlaps",
     "sigmoid_focal_loss",

@@ -12,7 +12,7 @@ from torch import Tensor
 from ._utils import upcast
 from .bbox_overlaps import bbox_overlaps
 
-__all__ = ["nms", "batched_nms", "soft_nms", "multiclass_nms"]
+__all__ = ["nms", "batched_nms", "soft_nms", "batched_soft_nms", "multiclass_nms"]
 
 _SOFT_METHODS = ("linear", "gaussian", "naive")
 
@@ -66,14 +66,16 @@ def _offset_by_class(boxes: Tensor, idxs: Tensor) -> Tensor:
     return boxes + (idxs.to(boxes) * span)[:, None]
 
 
+# Defaults as mmcv.ops.soft_nms (mmcv/ops/nms.py: iou_threshold=0.3, sigma=0.5, min_score=1e-3, method='linear'),
+# which MMDetection's test_cfg ``nms=dict(type='soft_nms', ...)`` calls.
 def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
              min_score: float = 1e-3, method: str = "linear") -> tuple[Tensor, Tensor]:
     """Soft-NMS (Bodla et al., ICCV 2017): decay, rather than drop, the scores of boxes overlapping a pick.
 
     Repeatedly pick the highest-scoring remaining box M, then rescale every remaining box b_i by
-      linear:   (1 - IoU(M, b_i)) if IoU > ``iou_threshold`` else 1,
-      gaussian: exp(-IoU(M, b_i)^2 / ``sigma``) (no threshold),
-      naive:    0 if IoU > ``iou_threshold`` else 1 (hard NMS),
+      linear:   (1 - IoU(M, b_i)) if IoU >= ``iou_threshold`` (N_t) else 1 (the paper's rule, eq. 2; mmcv uses >),
+      gaussian: exp(-IoU(M, b_i)^2 / ``sigma``) (no threshold; eq. 3),
+      naive:    0 if IoU > ``iou_threshold`` else 1 (hard NMS, as :func:`nms`),
     and discard boxes whose score falls below ``min_score``. The picks are sequential; each step is
     vectorised over the remaining boxes (O(N) memory).
 
@@ -102,7 +104,7 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: f
         active[i] = False
         iou = bbox_overlaps(boxes[i][None], boxes)[0]
         if method == "linear":
-            decay = torch.where(iou > iou_threshold, 1 - iou, torch.ones_like(iou))
+            decay = torch.where(iou >= iou_threshold, 1 - iou, torch.ones_like(iou))
         elif method == "gaussian":
             decay = torch.exp(-(iou * iou) / sigma)
         else:
@@ -114,6 +116,24 @@ def soft_nms(boxes: Tensor, scores: Tensor, iou_threshold: float = 0.3, sigma: f
                 torch.empty(0, dtype=scores.dtype, device=boxes.device))
     # Scores only decay, so each pick scores at most as much as the previous one: the order is already sorted.
     return torch.stack(keep), torch.stack(kept_scores).to(scores.dtype)
+
+
+def batched_soft_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float = 0.3, sigma: float = 0.5,
+                     min_score: float = 1e-3, method: str = "linear") -> tuple[Tensor, Tensor]:
+    """Class-aware :func:`soft_nms`: boxes with different ``idxs`` never decay each other (as :func:`batched_nms`).
+
+    Args:
+        boxes: (N, 4). scores: (N,). idxs: int64 (N,) category of each box.
+    Returns:
+        keep: int64 (K,) indices, new_scores: (K,) decayed scores, by decreasing new score, all >= ``min_score``.
+    """
+    _check_boxes_scores("batched_soft_nms", boxes, scores)
+    if idxs.shape != scores.shape:
+        raise ValueError(f"batched_soft_nms: idxs must have shape ({boxes.shape[0]},), got {tuple(idxs.shape)}")
+    if boxes.numel() == 0:
+        return (torch.empty(0, dtype=torch.long, device=boxes.device),
+                torch.empty(0, dtype=scores.dtype, device=boxes.device))
+    return soft_nms(_offset_by_class(upcast(boxes), idxs), scores, iou_threshold, sigma, min_score, method)
 
 
 def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshold: float, max_per_img: int,
@@ -161,11 +181,7 @@ def multiclass_nms(boxes: Tensor, scores: Tensor, score_thr: float, iou_threshol
     else:
         kwargs = {"method": soft} if isinstance(soft, str) else dict(soft)
         kwargs.setdefault("iou_threshold", iou_threshold)
-        if cand_boxes.numel() == 0:
-            keep = torch.empty(0, dtype=torch.long, device=boxes.device)
-            new_scores = cand_scores
-        else:
-            keep, new_scores = soft_nms(_offset_by_class(upcast(cand_boxes), labels), cand_scores, **kwargs)
+        keep, new_scores = batched_soft_nms(cand_boxes, cand_scores, labels, **kwargs)
         cand_scores = cand_scores.clone()
         cand_scores[keep] = new_scores
     if max_per_img > 0:

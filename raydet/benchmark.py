@@ -427,7 +427,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     from raydet.engine.checkpoint import load_checkpoint, load_model_weights, resolve_checkpoint
     from raydet.engine.optim import parse_optimizer
     from raydet.registry import ConfigError, build_context
-    from raydet.commands.sections import build_datasets, parse_sections
+    from raydet.commands.sections import build_datasets
+    from raydet.commands.validation import validate_pipeline
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -436,7 +437,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     skip = set(args.skip)
 
     cfg = load_config(args.pipeline, args.set)
-    sections = parse_sections(cfg)
+    sections = validate_pipeline(cfg)  # every section, before anything is timed or Ray starts
     with build_context(file=cfg.path, origins=cfg.origins):
         optimizer_cfg = parse_optimizer(cfg.get("optimizer"))
     torch.manual_seed(sections.seed)
@@ -545,18 +546,39 @@ def _empty_cache(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def main(argv=None) -> int:
-    from raydet.registry import ConfigError
+def _failure_dir(args: argparse.Namespace) -> str | None:
+    """The folder a failure's traceback goes to: the one of ``--out`` or of the default ``benchmark.json``, if it
+    exists."""
+    if args.out:
+        folder = os.path.dirname(os.path.abspath(args.out))
+    else:
+        from raydet.config import load_config
+        from raydet.commands.sections import parse_sections, work_dir_of
 
+        try:
+            cfg = load_config(args.pipeline, args.set)
+            folder = work_dir_of(cfg, parse_sections(cfg))
+        except Exception:  # the failure was in the pipeline itself
+            return None
+    return folder if os.path.isdir(folder) else None
+
+
+def main(argv=None) -> int:
+    from raydet.commands.ray_setup import configure_ray_console
+    from raydet.errors import report_failure
+
+    configure_ray_console()  # before Ray is imported (the Ray Data mode): Ray's library logs off the console
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         record, out = run(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
+        from raydet.commands.ray_setup import release_ray
+
+        release_ray()  # no actor output after the error line
+        return report_failure(exc, _failure_dir(args), "benchmark")
     finally:
         torch.set_num_threads(threads)
     print()

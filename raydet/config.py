@@ -6,7 +6,8 @@ A pipeline is a YAML mapping of sections (:data:`SECTIONS`). ``load_config`` tur
    merged left to right, then the file itself on top. Mappings merge key by key; anything else (lists included)
    is replaced whole; a mapping with ``_delete_: true`` replaces the inherited one instead of merging into it.
 2. ``--set a.b.c=value`` overrides are applied; each value is parsed as YAML (``0.1`` a float, ``[1, 2]`` a list,
-   ``null`` None, ``1/9`` a string).
+   ``null`` None, ``1/9`` a string). A mapping merges into the mapping at that key, as a child file's would, unless
+   it has ``_delete_: true`` or sets another ``type`` (then it replaces it): :func:`merges_into`.
 3. References are resolved: a string that is exactly ``${a.b[0]}`` becomes a copy of that value of the merged
    pipeline (any type); ``${...}`` inside a longer string is interpolated. A top-level key that is not a section
    must be used by some reference: it is a variable (``train_pipeline``, ``img_scale``), dropped once resolved.
@@ -27,7 +28,7 @@ import yaml
 from .registry import ConfigError, build, build_context, closest, error
 
 __all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "parse_path", "format_path",
-           "differences", "parse_yaml", "apply_override", "FLOAT_EXP"]
+           "differences", "parse_yaml", "apply_override", "merges_into", "FLOAT_EXP"]
 
 # Top-level keys a pipeline may define. Any other top-level key must be used as a ``${...}`` variable.
 SECTIONS = ("model", "data", "optimizer", "lr_schedule", "train", "evaluation", "hooks", "scaling", "runtime",
@@ -299,8 +300,36 @@ def _load_file(path: str, chain: tuple[str, ...], included_by: str | None, used:
 # ----------------------------------------------------------------------------------------------------------
 # Overrides, the top-level check and reference resolution.
 
+def merges_into(current, value) -> bool:
+    """Whether an override ``value`` merges into ``current`` (the rule of ``--set`` and of tune fragments): both are
+    mappings, ``value`` has no ``_delete_: true`` and sets no other ``type``; otherwise it replaces ``current``."""
+    return (isinstance(current, dict) and isinstance(value, dict) and value.get("_delete_", False) is not True
+            and value.get("type", current.get("type")) == current.get("type"))
+
+
+def _merge_override(dst: dict, src: dict, path: str, origins: dict) -> None:
+    """Merge the ``--set`` mapping ``src`` into ``dst`` in place, key by key (:func:`merges_into` at every level)."""
+    set_origin = lambda p: SET_ORIGIN  # noqa: E731
+    for key, value in src.items():
+        if key == "_delete_":
+            continue
+        sub = format_path([path, key])
+        if merges_into(dst.get(key), value):
+            origins[sub] = SET_ORIGIN
+            _merge_override(dst[key], value, sub, origins)
+            continue
+        _forget(origins, sub)
+        dst[key] = _strip_delete(value, sub, set_origin)
+        _record(origins, sub, dst[key], set_origin)
+
+
 def apply_override(data: dict, origins: dict, text: str) -> None:
-    """Apply one ``--set KEY=VALUE`` to ``data`` in place (VALUE parsed as YAML), recording its origin."""
+    """Apply one ``--set KEY=VALUE`` to ``data`` in place (VALUE parsed as YAML), recording its origin.
+
+    A mapping VALUE merges into the mapping at KEY, key by key and recursively (``--set
+    'model.backbone={depth: 101}'`` changes one argument), as tune fragments do; it replaces the mapping when it has
+    ``_delete_: true`` or sets another ``type``. Any other VALUE replaces what is at KEY.
+    """
     key, sep, raw = str(text).partition("=")
     key = key.strip()
     if not sep or not key:
@@ -309,11 +338,22 @@ def apply_override(data: dict, origins: dict, text: str) -> None:
         raise ConfigError(f"{SET_ORIGIN}: {key}: top-level keys starting with '_' are not kept in a pipeline")
     value = parse_yaml(raw, f"{SET_ORIGIN} {key}")
     try:
-        path = set_by_path(data, key, value)
+        if isinstance(value, dict) and not isinstance(value.get("_delete_", False), bool):
+            raise ConfigError(f"{key}._delete_: expected true or false, got {value['_delete_']!r}")
+        current = get_by_path(data, key, None)
+        if merges_into(current, value):
+            path = set_by_path(data, key, current)  # the canonical path; the mapping stays and is merged into
+            origins[path] = SET_ORIGIN
+            _merge_override(current, value, path, origins)
+        else:
+            value = _strip_delete(value, key, lambda p: SET_ORIGIN)
+            path = set_by_path(data, key, value)
+            _forget(origins, path)
+            _record(origins, path, value, lambda p: SET_ORIGIN)
     except ConfigError as exc:
+        if str(exc).startswith(f"{SET_ORIGIN}: "):
+            raise
         raise ConfigError(f"{SET_ORIGIN}: {exc}") from None
-    _forget(origins, path)
-    _record(origins, path, value, lambda p: SET_ORIGIN)
     parent = path
     while parent := (parent[:parent.rindex("[")] if parent.endswith("]") else parent.rpartition(".")[0]):
         origins[parent] = SET_ORIGIN

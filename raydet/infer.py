@@ -22,12 +22,17 @@ Without a COCO json, images get ids ``1..N`` in input order, and ``images.json``
 ``COCO("images.json").loadRes("results.json")`` works.
 
 Each actor builds the pipeline's model once, loads the checkpoint's weights (shipped once through the object
-store), decodes images with OpenCV (:func:`raydet.data.read_image`), applies the pipeline's test transforms
-(``data.test.pipeline``, else ``data.val.pipeline``) and the collate step, and runs ``model(batch, mode="predict")``
-under ``torch.no_grad()``. Batches are consecutive groups of ``--batch-size`` images in input order (every input
+store), decodes images (:func:`raydet.data.read_image`: strict JPEG decoding, EXIF orientation), applies the
+pipeline's test transforms (``data.test.pipeline``, else ``data.val.pipeline``) and the collate step, and runs
+``model(batch, mode="predict")`` under ``torch.no_grad()``. Batches are consecutive groups of ``--batch-size`` images in input order (every input
 block holds a multiple of the batch size), so the results do not depend on how Ray schedules the blocks.
 Boxes are (x1, y1, x2, y2) in pixels of the original image; labels map to category ids and class names through
 the checkpoint's ``meta`` (``cat_ids``, ``classes``, written by the trainer).
+
+EXIF orientation (a phone photo stored sideways): ``--exif-orientation`` (default: the pipeline's
+``data.test.exif_orientation``, else ``data.val``'s, else ``auto``). Without annotations ``auto`` is the upright frame
+(boxes, ``height``/``width`` and drawings as the photo is shown); with a COCO json that gives sizes it decides per
+image as the dataset readers do (:mod:`raydet.data.image_io`). ``ignore`` keeps the stored pixels.
 
 Outputs in ``--out`` (default ``<work_dir>/<pipeline name>/infer``):
 
@@ -63,6 +68,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raydet.data.image_io import EXIF_ORIENTATION_POLICIES
 from raydet.data.ray_data import rows_to_columns
 
 __all__ = ["main", "infer", "collect_images", "ImageSet", "DetectionPredictor", "draw_detections",
@@ -337,7 +343,7 @@ class DetectionPredictor:
 
     def __init__(self, pipeline: dict, path: str | None, origins: dict, weights: list, source: str,
                  transforms: list, use_gpu: bool = False, num_threads: int = 1, classes: list[str] = (),
-                 score_thr: float = 0.3):
+                 score_thr: float = 0.3, exif_orientation: str = "auto"):
         import cv2
         import torch
 
@@ -369,6 +375,7 @@ class DetectionPredictor:
         self.transforms, self.collate_cfg = build_transforms(transforms)
         self.classes = list(classes)
         self.score_thr = float(score_thr)
+        self.exif_orientation = exif_orientation
 
     def _load(self, batch: dict, i: int):
         """(sample, image) of row ``i``, or raises OSError / ValueError explaining why the image is unusable."""
@@ -376,11 +383,10 @@ class DetectionPredictor:
         from raydet.data.pipeline import image_rng, record_to_sample
 
         image_id, path = int(batch["image_id"][i]), str(batch["path"][i])
-        image = read_image(path, image_id)
+        eh, ew = int(batch["height"][i]), int(batch["width"][i])  # from a COCO json, else 0
+        # the json's size decides the frame under "auto" (and is checked); without one, "auto" is the upright frame
+        image = read_image(path, image_id, self.exif_orientation, size=(eh, ew) if eh and ew else None)
         h, w = image.shape[:2]
-        eh, ew = int(batch["height"][i]), int(batch["width"][i])
-        if eh and ew and (eh, ew) != (h, w):
-            raise ValueError(f"image id {image_id}: the decoded image is {h}x{w} but the json says {eh}x{ew}: {path}")
         record = {"image_id": image_id, "height": h, "width": w, "boxes": np.zeros((0, 4), np.float32),
                   "labels": np.zeros(0, np.int64)}
         sample = self.transforms(record_to_sample(record, image), image_rng(0, 0, int(batch["index"][i])))
@@ -391,7 +397,7 @@ class DetectionPredictor:
         import torch
 
         from raydet.data.collate import collate_detection
-        from raydet.data.datasets import CorruptImageError
+        from raydet.data.image_io import CorruptImageError, ImageSizeMismatchError
         from raydet.masks import bitmap_to_rle
 
         n = len(batch["index"])
@@ -406,6 +412,7 @@ class DetectionPredictor:
                 sample, image = self._load(batch, i)
             except (OSError, ValueError) as exc:
                 kind = ("missing_image" if isinstance(exc, FileNotFoundError) else
+                        "image_size_mismatch" if isinstance(exc, ImageSizeMismatchError) else
                         "corrupt_image" if isinstance(exc, CorruptImageError) else
                         "unreadable_image" if isinstance(exc, OSError) else "bad_image")
                 rows[i].update(error=str(exc), error_kind=kind)
@@ -576,14 +583,15 @@ def _input_dataset(images: list[dict], vis_dir: str | None, batch_size: int):
 def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("coco",), draw: bool = False,
           score_thr: float = 0.3, batch_size: int = 4, num_actors: int | None = None,
           gpus_per_actor: float | None = None, cpus_per_actor: float | None = None, img_prefix: str | None = None,
-          on_error: str = "fail", progress: bool | None = None) -> dict:
+          on_error: str = "fail", progress: bool | None = None, exif_orientation: str | None = None) -> dict:
     """Run ``checkpoint`` on ``inputs`` as a Ray Data job and write the outputs into ``out_dir``.
 
     Returns a summary ``{"images", "skipped", "detections", "seconds", "images_per_s", "outputs": {kind: path}}``
     (``seconds``: the Ray job, actor start-up included). Raises FileNotFoundError / ValueError / ConfigError for
     bad inputs, a checkpoint that does not fit the pipeline's model, or (``on_error="fail"``) an unreadable image.
     ``progress``: Ray Data's progress bars for this job (default: the pipeline's ``runtime.progress``; ``auto``:
-    when stderr is a terminal).
+    when stderr is a terminal). ``exif_orientation``: auto, apply or ignore (default: the pipeline's, see the module
+    docstring).
     """
     import ray
     import torch
@@ -595,7 +603,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     from raydet.evaluation.coco import predictions_to_coco_results
     from raydet.registry import build_context
     from raydet.commands.ray_setup import init_ray
-    from raydet.commands.sections import parse_sections
+    from raydet.commands.validation import validate_pipeline
     from raydet.workspace import check_shared_storage, cluster_node_count
 
     formats = tuple(dict.fromkeys(formats))
@@ -605,9 +613,14 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
         raise ValueError(f"--on-error must be fail or skip, got {on_error!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if exif_orientation is None:
+        exif_orientation = cfg.get("data.test.exif_orientation") or cfg.get("data.val.exif_orientation") or "auto"
+    if exif_orientation not in EXIF_ORIENTATION_POLICIES:
+        raise ValueError(f"--exif-orientation must be one of {', '.join(EXIF_ORIENTATION_POLICIES)}, got "
+                         f"{exif_orientation!r}")
 
     # Everything that can be checked without Ray fails here, before any actor starts.
-    sections = parse_sections(cfg)
+    sections = validate_pipeline(cfg)
     if progress is None:
         setting = sections.runtime.progress
         progress = setting is True or (setting == "auto" and sys.stderr.isatty())
@@ -641,13 +654,15 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     start = time.perf_counter()
     weights_ref = ray.put({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state["model"].items()})
     del state
+    # an actor's exception reaches the command as itself, not as Ray Data's UserCodeException (as in training)
+    ray.data.DataContext.get_current().raise_original_map_exception = True
     ds = _input_dataset(image_set.images, vis_dir, batch_size)
     ds = ds.map_batches(
         DetectionPredictor,
         fn_constructor_kwargs={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                                "weights": [weights_ref], "source": source, "transforms": transforms,
                                "use_gpu": gpus_per_actor > 0, "num_threads": max(1, int(cpus_per_actor)),
-                               "classes": classes, "score_thr": score_thr},
+                               "classes": classes, "score_thr": score_thr, "exif_orientation": exif_orientation},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -733,7 +748,6 @@ def _formats(text: str) -> list[str]:
 
 def main(argv=None) -> int:
     from raydet.config import load_config
-    from raydet.registry import ConfigError
     from raydet.commands.ray_setup import setup_logging
     from raydet.commands.sections import parse_sections, work_dir_of
     from raydet.workspace import resolve_work_dir
@@ -763,8 +777,13 @@ def main(argv=None) -> int:
                         help="folder of a COCO json's file_name entries (default: the json's folder)")
     parser.add_argument("--on-error", default="fail", choices=["fail", "skip"],
                         help="unreadable image: stop with an error (default) or skip it with a warning")
+    parser.add_argument("--exif-orientation", default=None, choices=list(EXIF_ORIENTATION_POLICIES),
+                        help="EXIF-rotated photos: auto (upright; with a COCO json, the frame its sizes give), apply "
+                             "(upright) or ignore (stored pixels); default: the pipeline's data.test setting, else "
+                             "auto")
     args = parser.parse_args(argv)
     setup_logging()
+    out = None
     try:
         cfg = load_config(args.pipeline, args.set)
         sections = parse_sections(cfg)
@@ -773,18 +792,13 @@ def main(argv=None) -> int:
         summary = infer(cfg, args.checkpoint, args.inputs, out, formats=args.format, draw=args.draw,
                         score_thr=args.score_thr, batch_size=args.batch_size, num_actors=args.num_actors,
                         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-                        img_prefix=args.img_prefix, on_error=args.on_error)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the job failed inside Ray: show our own error (checkpoint, pipeline), not Ray's
-        from raydet.errors import find_user_error
+                        img_prefix=args.img_prefix, on_error=args.on_error, exif_orientation=args.exif_orientation)
+    except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
+        from raydet.commands.ray_setup import release_ray
+        from raydet.errors import report_failure
 
-        cause = find_user_error(exc)
-        if cause is None:
-            raise
-        print(f"error: inference failed: {cause}", file=sys.stderr)
-        return 1
+        release_ray()  # no actor output after the error line
+        return report_failure(exc, out if out and os.path.isdir(out) else None, "infer")
     paths = ", ".join(summary["outputs"].values())
     print(f"raydet infer: {summary['images']} images ({summary['skipped']} skipped), {summary['detections']} "
           f"detections in {summary['seconds']:.1f} s ({summary['images_per_s']:.2f} images/s, actor start-up "

@@ -2,14 +2,20 @@
 
 An *instance mask* in a record (see :mod:`raydet.structures`) is either
 
-* a list of polygons, each a flat ``[x0, y0, x1, y1, ...]`` list in pixels of the original image (a polygon with
-  fewer than 3 points has no area and is dropped), or
+* a list of polygons, each a flat ``[x0, y0, x1, y1, ...]`` list in pixels of the original image, or
 * a COCO RLE dict ``{"size": [h, w], "counts": str | bytes | list[int]}`` (compressed, or uncompressed as COCO
   stores crowd regions).
 
 Bitmaps are ``uint8`` arrays, 1 inside the object. Rasterisation is pycocotools', the one COCOeval scores with: a
 pixel ``(r, c)`` covers ``[c, c + 1) x [r, r + 1)``, so the polygon of the square ``[x, x + 4] x [y, y + 4]``
 covers exactly the 16 pixels ``rows y..y+3, columns x..x+3``.
+
+What a valid polygon is has one answer, :func:`valid_polygons`, used wherever a polygon becomes a mask: the
+dataset readers (validation), the training mask targets, the Ray Data mask column, the evaluation ground truth
+(:mod:`raydet.evaluation.coco`) and every RLE conversion here. Malformed polygons (not flat lists of numbers, an odd
+number of coordinates, non-finite values) are errors; polygons without area (fewer than 3 points, or all points on
+one line) are dropped. pycocotools would rasterise those to nothing, or, given 4 numbers, read them as a box (and,
+as the first polygon of a list, fail with "Argument 'bb' has incorrect type").
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = [
-    "polygons_to_rle", "to_rle", "polygons_to_bitmap", "rle_to_bitmap", "instance_masks_to_bitmaps",
+    "valid_polygons", "polygons_to_rle", "to_rle", "polygons_to_bitmap", "rle_to_bitmap", "instance_masks_to_bitmaps",
     "bitmap_to_rle", "mask_area", "bitmap_to_box",
 ]
 
@@ -28,19 +34,58 @@ def _empty_rle(height: int, width: int) -> dict:
     return mask_utils.encode(np.zeros((height, width, 1), dtype=np.uint8, order="F"))[0]
 
 
-def polygons_to_rle(polygons: list, height: int, width: int) -> dict:
-    """Polygons of one instance -> one compressed RLE (``counts`` as bytes), their union."""
+# Points closer to a line than this fraction of the polygon's extent count as on it (float rounding).
+_COLLINEAR_RTOL = 1e-9
+
+
+def _is_number_list(poly: Any) -> bool:
+    if isinstance(poly, np.ndarray):
+        return poly.dtype.kind in "iuf"
+    if isinstance(poly, (list, tuple)):
+        return (all(type(v) is float or type(v) is int for v in poly)  # the JSON case, fast
+                or all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+                       for v in poly))
+    return False
+
+
+def _has_area(p: np.ndarray) -> bool:
+    """Whether the points of a flat polygon (x0, y0, x1, y1, ...; 3 or more points) do not all lie on one line."""
+    x, y = p[0::2] - p[0], p[1::2] - p[1]
+    sq = x * x + y * y
+    far = int(sq.argmax())
+    if sq[far] == 0:  # all points equal
+        return False
+    cross = x * y[far] - y * x[far]  # |d_i| |d_far| sin(angle) = (distance of point i to the line) x |d_far|
+    return bool(np.abs(cross).max() > _COLLINEAR_RTOL * sq[far])
+
+
+def valid_polygons(polygons: Any) -> list[list[float]]:
+    """The polygons of one instance mask that enclose an area, as flat float lists (the one rule; see the module).
+
+    Raises ValueError naming the polygon's index when ``polygons`` is not a list of flat lists of numbers, or a
+    polygon has an odd number of coordinates or a non-finite one. Drops (without error) polygons with fewer than 3
+    points (6 coordinates) and polygons whose points all lie on one line (zero area); the result may be empty.
+    """
     if not isinstance(polygons, (list, tuple)):
         raise ValueError(f"polygons must be a list of flat [x0, y0, x1, y1, ...] lists, got {type(polygons).__name__}")
-    polys = []
+    out = []
     for j, poly in enumerate(polygons):
+        if not _is_number_list(poly):
+            raise ValueError(f"polygon {j} is not a flat list of numbers")
         p = np.asarray(poly, dtype=np.float64).ravel()
         if p.size % 2:
             raise ValueError(f"polygon {j} has an odd number of coordinates ({p.size})")
         if not np.isfinite(p).all():
             raise ValueError(f"polygon {j} has non-finite coordinates")
-        if p.size >= 6:  # fewer than 3 points: no area (and pycocotools would read 4 numbers as a box)
-            polys.append(p.tolist())
+        if p.size >= 6 and _has_area(p):
+            out.append(p.tolist())
+    return out
+
+
+def polygons_to_rle(polygons: list, height: int, width: int) -> dict:
+    """Polygons of one instance -> one compressed RLE (``counts`` as bytes), the union of its
+    :func:`valid_polygons` (empty when none is valid)."""
+    polys = valid_polygons(polygons)
     if not polys:
         return _empty_rle(height, width)
     return mask_utils.merge(mask_utils.frPyObjects(polys, height, width))

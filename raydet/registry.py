@@ -20,11 +20,13 @@ import types
 import typing
 from typing import Any, Callable
 
-__all__ = ["REGISTRY", "register", "build", "build_dataclass", "ConfigError", "error", "build_context", "current_path",
-           "closest"]
+from raydet.errors import RaydetError
+
+__all__ = ["REGISTRY", "register", "build", "check", "build_dataclass", "ConfigError", "error", "build_context",
+           "current_path", "closest"]
 
 
-class ConfigError(ValueError):
+class ConfigError(RaydetError, ValueError):
     """A pipeline value is wrong. The message names the file and the dotted key path."""
 
 
@@ -209,31 +211,7 @@ def build(cfg: Any, path: str | None = None, **default_args):
     if cfg is None or not isinstance(cfg, dict):
         return cfg
     path = current_path() if path is None else path
-    if "type" not in cfg:
-        raise error(path, f"missing 'type' (one of the registered names, e.g. {', '.join(sorted(_REGISTRY)[:5])}, ...)")
-    type_name = cfg["type"]
-    if not isinstance(type_name, str) or type_name not in _REGISTRY:
-        raise error(_join(path, "type"), f"unknown type '{type_name}'{closest(type_name, _REGISTRY)}")
-    factory = _REGISTRY[type_name]
-    kwargs = {k: v for k, v in cfg.items() if k != "type"}
-    for k, v in default_args.items():
-        kwargs.setdefault(k, v)
-
-    sig = inspect.signature(factory)
-    params = sig.parameters
-    accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"]
-    hints = _hints(factory)
-
-    for key in kwargs:
-        if key not in params and not accepts_var_kw:
-            raise error(_join(path, key), f"unknown argument of {type_name}{closest(key, named)} "
-                        f"(valid: {', '.join(named)})")
-    for name in named:
-        p = params[name]
-        if p.default is p.empty and name not in kwargs and p.kind is not p.VAR_POSITIONAL:
-            raise error(_join(path, name), f"missing required argument of {type_name}")
-
+    type_name, factory, kwargs, hints = _arguments(cfg, path, default_args)
     built = {}
     for key, value in kwargs.items():
         sub = _join(path, key)
@@ -254,6 +232,60 @@ def build(cfg: Any, path: str | None = None, **default_args):
             raise
         except (TypeError, ValueError, AssertionError) as exc:
             raise error(path, f"building {type_name} failed: {exc}") from exc
+
+
+def _arguments(cfg: dict, path: str, default_args: dict) -> tuple[str, Callable, dict, dict]:
+    """(type name, factory, keyword arguments, type hints) of ``cfg``, with its type and argument names checked."""
+    if "type" not in cfg:
+        raise error(path, f"missing 'type' (one of the registered names, e.g. {', '.join(sorted(_REGISTRY)[:5])}, ...)")
+    type_name = cfg["type"]
+    if not isinstance(type_name, str) or type_name not in _REGISTRY:
+        raise error(_join(path, "type"), f"unknown type '{type_name}'{closest(type_name, _REGISTRY)}")
+    factory = _REGISTRY[type_name]
+    kwargs = {k: v for k, v in cfg.items() if k != "type"}
+    for k, v in default_args.items():
+        kwargs.setdefault(k, v)
+
+    params = inspect.signature(factory).parameters
+    accepts_var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    named = [n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n != "self"]
+    for key in kwargs:
+        if key not in params and not accepts_var_kw:
+            raise error(_join(path, key), f"unknown argument of {type_name}{closest(key, named)} "
+                        f"(valid: {', '.join(named)})")
+    for name in named:
+        p = params[name]
+        if p.default is p.empty and name not in kwargs and p.kind is not p.VAR_POSITIONAL:
+            raise error(_join(path, name), f"missing required argument of {type_name}")
+    return type_name, factory, kwargs, _hints(factory)
+
+
+def check(cfg: Any, path: str | None = None, **default_args) -> None:
+    """Check ``cfg`` as :func:`build` would, without building it: its type and argument names, the keys of dataclass
+    arguments, the types of plain values, and nested ``type`` dicts recursively (arguments named ``*_cfg`` are left
+    to their owner). For components too costly to build up front (a dataset reads its annotations).
+
+    Raises:
+        ConfigError: as :func:`build`.
+    """
+    if cfg is None or not isinstance(cfg, dict):
+        return
+    path = current_path() if path is None else path
+    type_name, _, kwargs, hints = _arguments(cfg, path, default_args)
+    for key, value in kwargs.items():
+        sub = _join(path, key)
+        hint = hints.get(key, Any)
+        dc = _dataclass_of(hint)
+        if dc is not None and isinstance(value, dict):
+            build_dataclass(dc, value, sub)
+        elif isinstance(value, dict) and "type" in value and not key.endswith("_cfg"):
+            check(value, sub)
+        elif isinstance(value, list) and any(isinstance(v, dict) and "type" in v for v in value) \
+                and not key.endswith("_cfg"):
+            for i, v in enumerate(value):
+                check(v, _join(sub, i))
+        elif not _is_built(value) and not _matches(value, hint):
+            raise error(sub, f"{type_name} expects {_describe(hint)}, got {value!r}")
 
 
 def _is_built(value) -> bool:

@@ -16,13 +16,15 @@ from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint, load_model_weights
 from raydet.engine.hooks import EvalHook, ProgressBarHook
 from raydet.engine.runner import Runner
-from raydet.errors import find_user_error
+from raydet.errors import keep_traceback, report_failure
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
 from raydet.commands.loaders import ray_loaders
-from raydet.commands.ray_setup import check_cluster_resources, init_ray, scaling_config, setup_logging, torch_config
+from raydet.commands.ray_setup import (check_cluster_resources, init_ray, release_ray, scaling_config, setup_logging,
+                                       torch_config, train_run_config_kwargs)
 from raydet.commands.runner_builder import worker_setup
 from raydet.commands.sections import build_datasets, parse_sections, resolve_progress, work_dir_of
+from raydet.commands.validation import validate_pipeline
 from raydet.workspace import check_shared_storage, cluster_node_count, resolve_work_dir
 
 __all__ = ["main", "evaluate", "eval_loop_per_worker"]
@@ -38,13 +40,13 @@ def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, ou
     load_model_weights(model, state["model"], str(checkpoint))
     model.to(device)
     results_file = os.path.join(out_dir, "results.json") if out_dir else None
-    evaluator = DatasetEvaluator(dataset, sections.evaluation.metric, sections.evaluation.proposal_nums,
-                                 results_file=results_file)
+    evaluator = DatasetEvaluator.from_settings(dataset, sections.evaluation, results_file=results_file)
     hooks = [EvalHook(evaluator)] + ([ProgressBarHook()] if sections.runtime.progress is True else [])
     return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0, hooks=hooks,
                   device=device, amp=sections.train.amp, val_images=len(dataset.records[rank::world_size]))
 
 
+@keep_traceback  # the driver reports a failure with the worker's full traceback
 def eval_loop_per_worker(config: dict) -> dict:
     import ray
 
@@ -67,7 +69,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
-    sections = parse_sections(cfg)
+    sections = validate_pipeline(cfg)  # every section, before Ray starts
     cfg = resolve_progress(cfg)
     # a missing or unreadable checkpoint, or one of another model, fails here, before any worker starts
     load_model_weights(cfg.build("model"), load_checkpoint(checkpoint)["model"], str(checkpoint))
@@ -88,7 +90,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
                            "out_dir": os.path.abspath(out_dir) if out_dir else None},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
-                             storage_path=storage))
+                             storage_path=storage, **train_run_config_kwargs()))
     result = trainer.fit()
     return (result.return_value or {}).get("metrics", {})
 
@@ -118,21 +120,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="folder for results.json and metrics.json")
     args = parser.parse_args(argv)
     setup_logging()
+    out = None
     try:
         cfg = load_config(args.pipeline, args.set)
         sections = parse_sections(cfg)
         out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
                else os.path.join(work_dir_of(cfg, sections), "test"))
         metrics = evaluate(cfg, args.checkpoint, split=args.split, out_dir=out)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the run failed inside Ray: show our own error (e.g. an image), not Ray's
-        cause = find_user_error(exc)
-        if cause is None:
-            raise
-        print(f"error: evaluation failed: {cause}", file=sys.stderr)
-        return 1
+    except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
+        release_ray()  # no worker output after the error line
+        return report_failure(exc, out if out and os.path.isdir(out) else None, "test")
     print(format_metrics(metrics))
     print(f"results and metrics written to {out}")
     return 0

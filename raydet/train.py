@@ -25,13 +25,15 @@ from pathlib import Path
 import raydet.data  # noqa: F401  (registers the dataset and transform types)
 import raydet.models  # noqa: F401  (registers the model components)
 from raydet.commands.loaders import ray_loaders
-from raydet.commands.ray_setup import check_cluster_resources, init_ray, scaling_config, setup_logging, torch_config
+from raydet.commands.ray_setup import (check_cluster_resources, init_ray, release_ray, scaling_config, setup_logging,
+                                       torch_config, train_run_config_kwargs)
 from raydet.commands.runner_builder import build_runner, worker_setup
-from raydet.commands.sections import build_datasets, parse_sections, resolve_progress, work_dir_of
+from raydet.commands.sections import build_datasets, resolve_progress, work_dir_of
+from raydet.commands.validation import validate_pipeline
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint
 from raydet.engine.hooks import CHECKPOINT_SCORE, EpochGateHook
-from raydet.errors import find_user_error, wrapped_errors
+from raydet.errors import keep_traceback, report_failure, wrapped_errors
 from raydet.registry import ConfigError
 from raydet.workspace import (CHECKPOINT_INFO_FILE, check_shared_storage, checkpoint_record, cluster_node_count,
                               latest_checkpoint, new_attempt_name, new_run_dir, schedule_differences)
@@ -46,6 +48,7 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yam
 # --------------------------------------------------------------------------------------------------- Ray worker
 
 
+@keep_traceback  # the driver reports a failure with the worker's full traceback
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker entry point: config carries the resolved pipeline, an object ref to the datasets, the run
     folder, and the checkpoint to resume from (None for a new run)."""
@@ -70,7 +73,9 @@ def train_loop_per_worker(config: dict) -> dict:
         save_checkpoint(state, os.path.join(tmp, CHECKPOINT_FILE))
         with open(os.path.join(tmp, CHECKPOINT_INFO_FILE), "w") as f:  # what it is, readable without loading it
             json.dump({"epoch": metrics.get("epoch"), "iter": metrics.get("iter"), "metrics": metrics}, f)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # the temporary folder goes once Ray has copied it into the run folder (else ~100 MB stay in /tmp per epoch)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                         delete_local_checkpoint_after_upload=True)
 
     run_dir = config["run_dir"]
     gate = [EpochGateHook(config["gate_dir"])] if config.get("gate_dir") else []
@@ -191,9 +196,10 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    sections = parse_sections(cfg)
+    from raydet.commands.restart_notice import RestartNotice
+
+    sections = validate_pipeline(cfg)  # every section (the model on the meta device), before Ray starts
     cfg = resolve_progress(cfg)
-    cfg.build("model")  # fail on a bad model section before any worker starts
     if resume_from is not None:
         check_resume(cfg, resume_from, allow_changes)
     datasets = build_datasets(cfg, sections)
@@ -206,10 +212,12 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
     ck = sections.checkpoint
     run_config = RunConfig(
         name=new_attempt_name(), storage_path=os.path.join(run_dir, "ray"),
-        failure_config=FailureConfig(max_failures=sections.scaling.max_failures), callbacks=list(callbacks),
+        failure_config=FailureConfig(max_failures=sections.scaling.max_failures),
+        callbacks=[*callbacks, RestartNotice(sections.scaling.max_failures)],
         checkpoint_config=CheckpointConfig(
             num_to_keep=ck.num_to_keep, checkpoint_score_order=ck.score_order,
-            checkpoint_score_attribute=CHECKPOINT_SCORE if ck.score_attribute else None))
+            checkpoint_score_attribute=CHECKPOINT_SCORE if ck.score_attribute else None),
+        **train_run_config_kwargs())
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
@@ -269,7 +277,7 @@ def main(argv=None) -> int:
     plan = None
     try:
         cfg = load_config(pipeline, args.set)
-        sections = parse_sections(cfg)
+        sections = validate_pipeline(cfg)
         plan = prepare_run(work_dir_of(cfg, sections, args.work_dir), args.resume)
         log.info("raydet: %s", plan.note)
         result = fit(cfg, run_dir=plan.run_dir, resume_from=plan.resume_from, allow_changes=args.allow_changes)
@@ -280,17 +288,11 @@ def main(argv=None) -> int:
               f"python -m raydet.train {pipeline} --resume" + (f" --work-dir {plan.work_dir}" if args.work_dir else ""),
               file=sys.stderr)
         return 130
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
+        release_ray()  # no worker output after the error line
         _discard_if_empty(plan)
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:  # the run failed inside Ray: show our own error (image, loss, checkpoint), not Ray's
-        _discard_if_empty(plan)
-        cause = find_user_error(exc)
-        if cause is None:
-            raise
-        print(f"error: training failed: {cause}", file=sys.stderr)
-        return 1
+        folder = next((d for d in (plan.run_dir, plan.work_dir) if os.path.isdir(d)), None) if plan else None
+        return report_failure(exc, folder, "train")
     out = result.return_value or {}
     metrics = out.get("metrics") or {}
     print(f"\nraydet: trained {out.get('epoch')} epochs ({out.get('iter')} iterations); run folder {plan.run_dir}")

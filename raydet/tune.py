@@ -66,8 +66,10 @@ from typing import Any
 import yaml
 
 from raydet.config import (FLOAT_EXP, Config, apply_override, differences, format_path, get_by_path, load_config,
-                           parse_path, parse_yaml)
+                           merges_into, parse_path, parse_yaml)
 from raydet.evaluation.metric_names import TRAIN_METRIC, metric_problem
+from raydet.commands.ray_setup import configure_ray_console, release_ray
+from raydet.errors import describe_failure, report_failure
 from raydet.registry import ConfigError, build_context, closest
 from raydet.workspace import check_shared_storage, cluster_node_count, latest_checkpoint, resolve_work_dir
 
@@ -373,15 +375,17 @@ def fragment_overrides(raw: dict, key: str, value) -> list[str]:
     """
     value = _plain(value)
     current = get_by_path(raw, key, None)
-    if (isinstance(value, dict) and isinstance(current, dict) and not value.get("_delete_", False)
-            and value.get("type", current.get("type")) == current.get("type")):
+    if merges_into(current, value):  # the same rule as --set (raydet.config.merges_into)
         out = []
         for k, v in value.items():
             if k == "_delete_":
                 continue
             out.extend(fragment_overrides(raw, format_path([key, str(k)]), v))
         return out
-    return [f"{key}={_yaml_value(_strip_delete(value))}"]
+    value = _strip_delete(value)
+    if merges_into(current, value):  # `--set KEY={...}` would merge it: the marker keeps the replacement
+        value = {"_delete_": True, **value}
+    return [f"{key}={_yaml_value(value)}"]
 
 
 def raw_data(cfg: Config) -> dict:
@@ -468,14 +472,9 @@ def _check_changed(cfg: Config, path: str) -> None:
 
 
 def _check_sections(cfg: Config) -> Any:
-    from raydet.engine.optim import parse_lr_schedule, parse_optimizer
-    from raydet.commands.sections import parse_sections
+    from raydet.commands.validation import validate_pipeline
 
-    sections = parse_sections(cfg)
-    with build_context(file=cfg.path, origins=cfg.origins):
-        parse_optimizer(cfg.get("optimizer"))
-        parse_lr_schedule(cfg.get("lr_schedule"))
-    return sections
+    return validate_pipeline(cfg, model=False)  # every section but the model, which validate_space builds
 
 
 def validate_space(space: Space, build_models: bool = True) -> Config:
@@ -591,6 +590,7 @@ STOP_FILE = "stop_requested"
 STOP_TIMEOUT_S = 60.0
 _CURRENT_RUN: dict = {}   # in a trial's actor: {"stop_file": path, "done": threading.Event}
 
+configure_ray_console()  # before this module imports Ray: Ray's library logs off the console (python -m raydet.tune)
 try:
     from ray.train.v2._internal.execution.callback import ControllerCallback as _ControllerCallback
 except ImportError:  # another Ray version: trials that Tune stops early rely on Ray's own cleanup
@@ -793,7 +793,8 @@ def run_study(space: Space, *, work_dir: str | None = None, resume: bool = False
             tune_config=tune.TuneConfig(num_samples=space.num_samples, scheduler=scheduler,
                                         search_alg=BasicVariantGenerator(random_state=seed, max_concurrent=concurrent),
                                         trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname),
-            run_config=tune.RunConfig(name=space.name, storage_path=os.path.dirname(folder),
+            # verbose=0: no Tune status tables; raydet's progress bar and study table report the study
+            run_config=tune.RunConfig(name=space.name, storage_path=os.path.dirname(folder), verbose=0,
                                       callbacks=[StudyProgress(space.name, space.metric, space.mode)]))
     grid = tuner.fit()
     rows = collect_rows(space, base, grid)
@@ -823,6 +824,7 @@ def collect_rows(space: Space, base: Config, grid) -> list[dict]:
         status = ("error" if result.error is not None else "done" if epoch is not None and epoch >= max_epochs
                   else "stopped" if epoch is not None else "pending")
         rows.append({"trial": trial, "status": status, "epoch": epoch, "values": config, "path": str(result.path),
+                     "error": result.error,
                      "labels": {d.key: d.label(config[d.key]) for d in space.dims if d.key in config},
                      "metrics": {k: float(v) for k, v in metrics.items() if _report_metric(k) and _is_number(v)},
                      "config": cfg})
@@ -974,22 +976,30 @@ def main(argv=None) -> int:
     from raydet.commands.ray_setup import setup_logging
 
     setup_logging()
+    # Tune's "Trials did not complete: [...]": the study's summary below lists the failed trials and why
+    logging.getLogger("ray.tune.tune").setLevel(logging.CRITICAL)
     try:
         space = (_resume_space(args.space, args.set, args.work_dir) if args.resume
                  else load_space(args.space, args.set))
         rows, folder = run_study(space, work_dir=args.work_dir, resume=args.resume)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
+        release_ray()  # no trial output after the error line
+        return report_failure(exc, None, "tune")
     errors = sum(r["status"] == "error" for r in rows)
     print(f"\nraydet: study {space.name}: {len(rows)} trials" + (f" ({errors} failed)" if errors else "") +
           f", {space.metric} ({space.mode}), best first; folder {folder}")
     print("\n".join(table_lines(space, rows)))
     for r in rows:
         if r["status"] == "error":
-            print(f"trial {r['trial']} failed: {os.path.join(r['path'], 'error.txt')}")
+            why = f"{describe_failure(r['error'])}; " if r.get("error") is not None else ""
+            print(f"trial {r['trial']} failed: {why}traceback: {os.path.join(r['path'], 'error.txt')}")
     if not rows or rows[0]["metrics"].get(space.metric) is None:
-        print(f"error: no trial reported {space.metric}", file=sys.stderr)
+        failed = [r["error"] for r in rows if r.get("error") is not None]
+        release_ray()
+        if failed:  # every trial failed: the first failure, as any command reports one
+            report_failure(failed[0], folder, "tune")
+        else:
+            print(f"error: no trial reported {space.metric}", file=sys.stderr)
         return 1
     print(f"\nbest pipeline: {os.path.join(folder, 'best_pipeline.yaml')}  "
           f"(train it with: python -m raydet.train {os.path.join(folder, 'best_pipeline.yaml')})")

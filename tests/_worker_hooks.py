@@ -1,5 +1,6 @@
 """Hooks that Ray tests load into Ray Train workers (``runtime.imports`` + ``hooks:`` in the pipeline), so that the
-event a test reacts to happens at a fixed point of the training loop instead of whenever a (busy) machine gets there.
+event a test reacts to happens at a fixed point of the training loop instead of whenever a (busy) machine gets there;
+and a neck that fails with a plain Python error wherever the model runs (``model.neck.type: ZeroDivisionFPN``).
 
 Not a test module (pytest collects ``test_*.py`` only). The Ray workers import it by the name the test passes in
 ``runtime.imports`` (see ``tests/test_failures.py``: ``tests._worker_hooks`` when Ray was started from the
@@ -12,9 +13,10 @@ import os
 import time
 
 from raydet.engine.hooks import Hook, Priority
+from raydet.models.necks.fpn import FPN
 from raydet.registry import REGISTRY, register
 
-__all__ = ["PauseOnceAfterIteration", "FailOnceAtIteration"]
+__all__ = ["PauseOnceAfterIteration", "FailOnceAtIteration", "ZeroDivisionFPN"]
 
 
 class PauseOnceAfterIteration(Hook):
@@ -63,3 +65,29 @@ class FailOnceAtIteration(Hook):
 
 if "FailOnceAtIteration" not in REGISTRY:
     register(FailOnceAtIteration)
+
+
+def _divide(count: int) -> float:
+    return 1 / count  # ZeroDivisionError for count == 0: a failure that is none of raydet's named errors
+
+
+class ZeroDivisionFPN(FPN):
+    """The quickstart's FPN (same parameters, so a quickstart checkpoint loads into it) that fails with a plain
+    ZeroDivisionError where ``fail_in`` says: ``"forward"`` (in every process that runs the model: a Ray Train
+    worker, a Ray Data inference actor, a Tune trial's worker, or the benchmark's own process) or ``"init"``
+    (wherever the model is built, even on the meta device by ``raydet config``)."""
+
+    def __init__(self, *args, fail_in: str = "forward", **kwargs):
+        super().__init__(*args, **kwargs)
+        if fail_in == "init":
+            _divide(0)
+        self.fail_in = fail_in
+
+    def forward(self, inputs):
+        if self.fail_in == "forward":
+            _divide(0)
+        return super().forward(inputs)
+
+
+if "ZeroDivisionFPN" not in REGISTRY:
+    register(ZeroDivisionFPN)

@@ -357,8 +357,8 @@ def test_every_node_mounts_the_shared_storage():
 
 
 def test_cluster_pipeline_scaling_keys_exist():
-    # raydet.train's ScalingSettings, read from the source (importing raydet.train pulls in torch: seconds)
-    tree = ast.parse((ROOT / "raydet" / "train.py").read_text())
+    # the pipeline's ScalingSettings, read from the source (importing raydet pulls in torch: seconds)
+    tree = ast.parse((ROOT / "raydet" / "commands" / "sections.py").read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "ScalingSettings")
     fields = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
     sc = scaling()

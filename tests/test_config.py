@@ -339,15 +339,32 @@ def test_get_and_set_by_path():
 
 # ------------------------------------------------------------------ CLI
 
-def test_cli_config_prints_merged_pipeline(tree, capsys):
-    _, child = tree
-    assert main(["config", str(child), "--set", "optimizer.lr=0.01", "model.backbone.depth=18"]) == 0
+QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml"
+
+
+@pytest.fixture
+def runnable(tmp_path):
+    """A child of the quickstart (``raydet config`` validates what it prints: the toy ``tree`` would not build)."""
+    return write(tmp_path, "child.yaml", f"""\
+        _base_: {QUICKSTART}
+        img_scale: [192, 128]
+        test_pipeline:
+          - {{type: Resize, scale: "${{img_scale}}"}}
+          - {{type: Pad, size_divisor: 32}}
+        model:
+          backbone:
+            norm_cfg: {{_delete_: true, type: GN, num_groups: 32}}
+        """)
+
+
+def test_cli_config_prints_merged_pipeline(runnable, capsys):
+    assert main(["config", str(runnable), "--set", "optimizer.lr=0.01", "model.backbone.depth=34"]) == 0
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["optimizer"]["lr"] == 0.01
-    assert out["model"]["backbone"]["depth"] == 18
+    assert out["model"]["backbone"]["depth"] == 34
     assert out["model"]["backbone"]["norm_cfg"] == {"type": "GN", "num_groups": 32}
-    assert out["data"]["train"]["ann_file"] == "/data/coco/annotations/train.json"
-    assert out["data"]["train"]["pipeline"][1]["scale"] == [1333, 800]
+    assert out["data"]["val"]["pipeline"][0]["scale"] == [192, 128]
+    assert out["data"]["num_classes"] == 3
 
 
 def test_cli_bad_pipeline_exits_2_without_traceback(tmp_path, capsys):
@@ -359,8 +376,8 @@ def test_cli_bad_pipeline_exits_2_without_traceback(tmp_path, capsys):
     assert err.startswith(f"error: {bad}: modle: unknown top-level key") and "Traceback" not in err
 
 
-def test_python_m_raydet_cli(tree, tmp_path):
-    _, child = tree
+def test_python_m_raydet_cli(runnable, tmp_path):
+    child = runnable
     ok = subprocess.run([sys.executable, "-m", "raydet.cli", "config", str(child), "--set", "seed=11"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr

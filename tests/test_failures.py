@@ -250,10 +250,14 @@ def test_a_checkpoint_of_another_model_is_named(tmp_path, capsys):
 
 
 def test_an_image_that_fails_to_decode_mid_run_stops_training_naming_it(ray_session, tmp_path, capsys):
-    """A file that looks complete (JPEG start and end markers) but cannot be decoded passes the reader's check and
-    fails in a Ray Data decode actor; the command prints that error, not Ray's wrapping of it, and exits 1."""
+    """A JPEG that looks complete (a valid header, start and end markers) but has damaged scan data passes the
+    reader's check and fails in a Ray Data decode actor; the command prints that error, not Ray's wrapping of it,
+    and exits 1."""
     images, annotations = _one_image(tmp_path)
-    (tmp_path / "a.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4 + b"\xff\xd9")
+    data = bytearray(_jpeg(tmp_path / "full.jpg"))
+    middle = (data.rfind(b"\xff\xda") + len(data)) // 2
+    data[middle:middle + 16] = bytes(16)  # zeroed mid-scan: libjpeg warns, OpenCV alone would return the pixels
+    (tmp_path / "a.jpg").write_bytes(bytes(data))
     pipeline = _coco_pipeline(tmp_path, _coco(tmp_path, images, annotations))
     from test_train_ray import SMALL
 
@@ -263,7 +267,7 @@ def test_an_image_that_fails_to_decode_mid_run_stops_training_naming_it(ray_sess
     assert main([str(pipeline), "--work-dir", str(tmp_path / "w"), "--set", *small, "train.max_epochs=1"]) == 1
     err = capsys.readouterr().err
     line = err[err.index("error: "):].strip()
-    assert line.startswith("error: training failed: image id 1: cannot decode image file") and "a.jpg" in line
+    assert line.startswith("error: image id 1: cannot decode image file") and "a.jpg" in line
     assert "Traceback" not in line and "RayTaskError" not in line
 
 

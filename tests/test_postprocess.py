@@ -156,3 +156,149 @@ def test_chunking_gives_the_same_result():
 def test_no_masks():
     out = paste_masks(torch.zeros(0, 28, 28), torch.zeros(0, 4), 10, 12)
     assert out.shape == (0, 10, 12) and out.dtype == torch.bool
+
+
+# ------------------------------------------------------------------------------------------------ Soft-NMS
+# A = [0,0,10,10] (0.9), B = [0,0,10,5] (0.8), C = [0,6,10,10] (0.7).
+# IoU(A, B) = 50 / 100 = 0.5 (exactly N_t below), IoU(A, C) = 40 / 100 = 0.4, IoU(B, C) = 0 (B ends at y 5).
+SOFT_BOXES = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 5], [0, 6, 10, 10]], dtype=torch.float32)
+SOFT_SCORES = torch.tensor([0.9, 0.8, 0.7])
+
+
+def _detection_cfg(**kw):
+    from raydet.models.head_configs import DetectionConfig
+
+    return DetectionConfig(**{"nms_iou": 0.5, "max_per_img": 100, **kw})
+
+
+def test_linear_soft_nms_decays_at_iou_equal_to_the_threshold():
+    from raydet.ops import soft_nms
+
+    # Bodla et al. 2017, eq. 2: s_i *= 1 - IoU when IoU >= N_t. Pick A: B has IoU 0.5 >= 0.5 -> 0.8 * 0.5 = 0.4;
+    # C has 0.4 < 0.5 -> 0.7. Pick C (0.7): IoU(C, B) = 0, B stays 0.4. Pick B. (With "> N_t" B would stay 0.8.)
+    keep, scores = soft_nms(SOFT_BOXES, SOFT_SCORES, iou_threshold=0.5, method="linear")
+    assert keep.tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, 0.4]))
+    # min_score 0.5 drops B once it has decayed to 0.4
+    keep, scores = soft_nms(SOFT_BOXES, SOFT_SCORES, iou_threshold=0.5, min_score=0.5, method="linear")
+    assert keep.tolist() == [0, 2]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7]))
+
+
+def test_gaussian_soft_nms_by_hand():
+    from raydet.ops import soft_nms
+
+    # eq. 3, sigma 0.5, no threshold. Pick A: B = 0.8 exp(-0.25 / 0.5) = 0.4852, C = 0.7 exp(-0.16 / 0.5) = 0.5083.
+    # Pick C: IoU(C, B) = 0, B x exp(0). Pick B.
+    keep, scores = soft_nms(SOFT_BOXES, SOFT_SCORES, sigma=0.5, method="gaussian")
+    assert keep.tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7 * math.exp(-0.32), 0.8 * math.exp(-0.5)]))
+
+
+def test_detection_nms_follows_the_test_settings_class_by_class():
+    from raydet.models.postprocess import detection_nms
+
+    same = torch.zeros(3, dtype=torch.long)
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, _detection_cfg(nms={"type": "soft_nms"}))
+    assert keep.tolist() == [0, 2, 1]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, 0.4]))
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, _detection_cfg(nms={"type": "soft_nms", "method": "gaussian",
+                                                                                    "sigma": 0.5}))
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.7 * math.exp(-0.32), 0.8 * math.exp(-0.5)]))
+    # B of another class: nothing decays it (per class, as batched_nms)
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, torch.tensor([0, 1, 0]), _detection_cfg(nms={"type": "soft_nms"}))
+    assert keep.tolist() == [0, 1, 2]
+    torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.7]))
+    # hard NMS (torchvision: drop IoU > 0.5): nothing is dropped, scores unchanged; max_per_img cuts the list
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, _detection_cfg())
+    assert keep.tolist() == [0, 1, 2] and scores.tolist() == pytest.approx([0.9, 0.8, 0.7])
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, _detection_cfg(nms={"type": "soft_nms"}, max_per_img=2))
+    assert keep.tolist() == [0, 2]
+
+
+def test_soft_nms_settings_are_checked_when_the_pipeline_builds():
+    import raydet.models  # noqa: F401
+    from raydet.config import load_config
+    from raydet.registry import ConfigError
+
+    for bad, key in (("{nms: {type: softnms}}", r"nms\.type"), ("{nms: {type: soft_nms, method: cubic}}", r"nms\.method"),
+                     ("{nms: {type: soft_nms, sigma: 0}}", r"nms\.sigma"),
+                     ("{nms: {type: soft_nms, sigmaa: 0.5}}", r"unknown key 'sigmaa'.*did you mean 'sigma'")):
+        cfg = load_config(PIPELINES / "quickstart.yaml", [f"model.roi_head.test={bad}"])
+        with pytest.raises(ConfigError, match=rf"model\.roi_head\.test.*{key}"):
+            cfg.build("model")
+
+
+def _box_iou(a, b):
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def reference_soft_nms(boxes, scores, labels, nt, method, sigma, min_score):
+    """Algorithm 1 of Bodla et al. 2017, class by class, in float64 Python: [(candidate index, final score)]."""
+    out = []
+    for c in sorted(set(labels)):
+        s = {i: float(scores[i]) for i in range(len(labels)) if labels[i] == c and scores[i] >= min_score}
+        while s:
+            m = max(s, key=s.get)
+            out.append((m, s.pop(m)))
+            for i in list(s):
+                iou = _box_iou(boxes[m], boxes[i])
+                s[i] *= (1 - iou if iou >= nt else 1.0) if method == "linear" else math.exp(-iou * iou / sigma)
+                if s[i] < min_score:
+                    del s[i]
+    return sorted(out, key=lambda t: -t[1])
+
+
+PIPELINES = __import__("pathlib").Path(__file__).resolve().parents[1] / "pipelines"
+TINY_RETINA = ["num_classes=3", "model.backbone.depth=18", "model.neck.in_channels=[64, 128, 256, 512]",
+               "model.neck.out_channels=64", "model.bbox_head.in_channels=64", "model.bbox_head.feat_channels=64"]
+
+
+@pytest.mark.parametrize("pipeline, key, method, min_score, extra", [
+    ("quickstart.yaml", "model.roi_head.test", "linear", 0.05, []),
+    ("retinanet_r50_fpn_1x_coco.yaml", "model.bbox_head.test", "gaussian", 0.02, TINY_RETINA),
+], ids=["faster_rcnn_linear", "retinanet_gaussian"])
+def test_a_detector_pipeline_with_soft_nms_runs_its_test_path(pipeline, key, method, min_score, extra):
+    """The pipeline builds with Soft-NMS in its test settings and predicts on a 64 x 64 image; its detections are the
+    paper's algorithm applied to the same candidates (got from the same model with no suppression: hard NMS at
+    IoU 1.0)."""
+    import dataclasses
+
+    import raydet.models  # noqa: F401
+    from raydet.config import load_config
+    from raydet.data.collate import collate_samples
+
+    soft = f"{{nms: {{type: soft_nms, method: {method}, sigma: 0.5, min_score: {min_score}}}, nms_iou: 0.5, " \
+           f"score_thr: {min_score}, max_per_img: 1000}}"
+    torch.manual_seed(0)
+    model = load_config(PIPELINES / pipeline, [*extra, f"{key}={soft}"]).build("model").eval()
+    head = model.roi_head if "roi_head" in key else model.bbox_head
+    # spread the untrained classifier's scores (RetinaNet's prior gives all about 0.01): no near-ties in the ranking
+    cls = head.bbox_head.fc_cls if "roi_head" in key else head.retina_cls
+    torch.nn.init.normal_(cls.weight, std=0.3)
+    torch.nn.init.zeros_(cls.bias)
+    assert head.test.soft_nms_args() == {"method": method, "sigma": 0.5, "min_score": min_score}
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    batch = collate_samples([(image, {"image_id": 1, "boxes": np.zeros((0, 4)), "labels": np.zeros(0)})])
+    with torch.no_grad():
+        out = model(batch, mode="predict")[0]
+        soft_cfg = head.test
+        head.test = dataclasses.replace(soft_cfg, nms=None, nms_iou=1.0, max_per_img=100000)
+        cand = model(batch, mode="predict")[0]
+        head.test = soft_cfg
+    boxes, scores, labels = (cand[k].double().tolist() if k != "labels" else cand[k].tolist()
+                             for k in ("boxes", "scores", "labels"))
+    assert len(labels) > 50  # an untrained head: many overlapping candidates
+    expected = reference_soft_nms(boxes, scores, labels, 0.5, method, 0.5, min_score)
+    assert 0 < len(expected) < len(labels)
+    assert len(out["scores"]) == len(expected)
+    torch.testing.assert_close(out["scores"].double(), torch.tensor([s for _, s in expected], dtype=torch.float64),
+                               atol=1e-5, rtol=0)
+    got = sorted(zip(out["labels"].tolist(), out["boxes"].tolist()))
+    want = sorted((labels[i], boxes[i]) for i, _ in expected)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], atol=1e-4)

@@ -180,5 +180,5 @@ def test_progress_auto_means_a_terminal_on_the_driver(monkeypatch):
     assert resolve_progress(cfg).get("runtime.progress") is True
     assert "ProgressBarHook" in hooks(resolve_progress(cfg))
     assert resolve_progress(load_config(quickstart, ["runtime.progress=false"])).get("runtime.progress") is False
-    with pytest.raises(ConfigError, match=r"runtime\.progress: expected one of True, False, auto, got 'yes please'"):
+    with pytest.raises(ConfigError, match=r"runtime\.progress: expected one of true, false, auto, got 'yes please'"):
         parse_sections(load_config(quickstart, ["runtime.progress=yes please"]))

@@ -63,8 +63,15 @@ def one_epoch_run(ray_session, tmp_path_factory):
     """One epoch of the small quickstart in a run folder: (run_dir, result)."""
     from raydet.train import fit
 
+    import glob
+    import tempfile
+
+    staged = os.path.join(tempfile.gettempdir(), "raydet-ckpt-*")  # where a worker stages a checkpoint it reports
+    before = set(glob.glob(staged))
     run_dir = tmp_path_factory.mktemp("resumable")
     result = fit(load_config(QUICKSTART, SMALL + ["train.max_epochs=1"]), run_dir=str(run_dir))
+    # the staged copy goes once Ray has it in the run folder: ~100 MB per checkpoint would stay in /tmp otherwise
+    assert set(glob.glob(staged)) <= before
     return run_dir, result
 
 
@@ -210,6 +217,12 @@ def test_ray_job_submit_keeps_outputs_and_resumes_across_jobs(tmp_path):
 
         first = submit("--set", *SMALL, "train.max_epochs=1", "evaluation.interval=1")
         assert "AP50" in first, first[-4000:]
+        # the job's console reads like an MMDetection log: raydet's iteration lines, evaluation and summary; Ray's
+        # per-epoch reports, Ray Data's per-pass lines and the core worker's error lines stay in Ray's log files
+        assert "epoch 1/1 iter 8/8" in first and "epoch 1/1 val bbox/AP" in first
+        assert "raydet: trained 1 epochs (8 iterations)" in first
+        for ray_line in ("TrainingReport", "core_worker.cc", "execution finished", "Checkpoint successfully created"):
+            assert ray_line not in first, (ray_line, first[-4000:])
         work_dir = work_root / "work_dirs" / "quickstart"
         (run_dir,) = [p for p in work_dir.iterdir() if p.is_dir()]
         assert f"new run in {run_dir}" in first and f"run folder {run_dir}" in first

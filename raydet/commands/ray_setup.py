@@ -1,36 +1,134 @@
-"""Ray start-up and the cluster checks every command makes before it asks Ray for workers.
+"""Ray start-up, the console, and the cluster checks every command makes before it asks Ray for workers.
 
 :func:`init_ray` joins the cluster in ``RAY_ADDRESS`` (``ray job submit``) or starts a local one;
 :func:`check_cluster_resources` fails clearly, instead of waiting forever, on a pipeline the cluster cannot place;
 :func:`scaling_config` and :func:`torch_config` turn the ``scaling:`` section into Ray Train's configs.
+
+The console reads like an MMDetection log: raydet's iteration lines, evaluation tables and summary, Ray's start-up
+warnings and its core failures (a dead node or worker, an out-of-memory kill). Ray's library logs go to their files
+in Ray's session folder (``<session>/logs``, printed when Ray starts), each through Ray's own setting:
+
+* Ray Train (``Checkpoint successfully created`` every epoch, worker-group start-up, the failure policy's
+  decisions, and the tracebacks of failed workers): ``RunConfig(logging_config=LoggingConfig(log_level=
+  "CRITICAL"))`` (:func:`train_run_config_kwargs`); its records stay in ``logs/train/ray-train-sys-*.log``. raydet
+  announces a worker-group restart itself (:class:`raydet.commands.restart_notice.RestartNotice`), and a failure
+  in the command's one ``error:`` line (:func:`raydet.errors.report_failure`).
+* Ray Data (``Dataset ... execution finished`` every pass, ``Progress bars disabled``, user-code exception
+  notices): ``RAY_DATA_LOGGING_CONFIG`` = ``ray_data_logging.yaml`` beside this module (the ``ray.data`` logger
+  writes only to ``logs/ray-data/ray-data.log``), set in every process that runs a Ray Data executor (the drivers
+  and the Ray Train workers) unless the user set it.
+* Ray Tune (a failed trial's traceback, status tables): ``TUNE_PRINT_ALL_TRIAL_ERRORS=0`` (the traceback stays in
+  the trial's ``error.txt``) and ``RunConfig(verbose=0)`` in :mod:`raydet.tune`, which prints its own progress bar,
+  one line per failed trial and the study's table.
+* Two kinds of line no level setting reaches, skipped by the driver with Ray's ``RAY_DEDUP_LOGS_SKIP_REGEX`` (added
+  to the user's own, if any; the worker's ``.out`` / ``.err`` files in the session folder keep them):
+  the C++ core worker's ``core_worker.cc`` error lines (e.g. ``... has constructor arguments in the object store
+  and max_restarts > 0``), which every actor writes to its stderr besides its ``python-core-worker-*.log`` (only
+  ``RAY_BACKEND_LOG_LEVEL`` would silence them, and in the files too), and Ray Train's ``Reporting training result
+  N: TrainingReport(...)`` line, whose logger is named after its file instead of ``ray.train.*``, so
+  ``LoggingConfig`` misses it (Ray 2.60).
 """
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
 from raydet.commands.sections import Sections
 from raydet.registry import ConfigError
 
-__all__ = ["setup_logging", "init_ray", "check_cluster_resources", "scaling_config", "torch_config"]
+__all__ = ["setup_logging", "configure_ray_console", "init_ray", "release_ray", "check_cluster_resources",
+           "scaling_config", "torch_config", "train_run_config_kwargs", "RAY_DATA_LOGGING_CONFIG", "CONSOLE_SKIP"]
 
 log = logging.getLogger("raydet")
 
+RAY_DATA_LOGGING_CONFIG = Path(__file__).resolve().with_name("ray_data_logging.yaml")
+# worker output lines the driver does not print (RAY_DEDUP_LOGS_SKIP_REGEX): a C++ error or warning line of a worker's
+# core worker ("[2026-11-29 23:50:03,129 E 29428 29472] core_worker.cc:2465: ..."; a fatal one still shows) and
+# Ray Train's line for every report ("Reporting training result 1: TrainingReport(checkpoint=..., metrics={...})")
+CONSOLE_SKIP = (r"^\[[0-9-]+ [0-9:,.]+ [EW] \d+ \d+\] core_worker\.cc:\d+:"
+                r"|^Reporting training result \d+: TrainingReport\(")
+RAY_TRAIN_CONSOLE_LEVEL = "CRITICAL"  # Ray Train's records go to its log files only (see the module docstring)
+_CONNECTED = False  # init_ray connected this process to Ray (not a caller, e.g. a test session)
+
+
+def configure_ray_console() -> None:
+    """Route Ray's library logs off the console (see the module docstring): ``RAY_DEDUP_LOGS_SKIP_REGEX`` for the
+    driver (read when ``ray`` is first imported, so call this before) and ``RAY_DATA_LOGGING_CONFIG`` for this
+    process's Ray Data (applied at once when ``ray.data`` is already imported, as in a Ray Train worker).
+    Settings the user made are kept. Idempotent."""
+    skip = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    if not skip:
+        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = CONSOLE_SKIP
+    elif CONSOLE_SKIP not in skip:
+        os.environ["RAY_DEDUP_LOGS_SKIP_REGEX"] = f"(?:{skip})|{CONSOLE_SKIP}"
+    os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")  # a trial's traceback: its error.txt (raydet tune)
+    if os.environ.get("RAY_DATA_LOGGING_CONFIG") is None:
+        os.environ["RAY_DATA_LOGGING_CONFIG"] = str(RAY_DATA_LOGGING_CONFIG)
+        if "ray.data" in sys.modules:  # it read the environment at its import: read it again
+            try:
+                from ray.data._internal.logging import configure_logging
+            except ImportError:  # another Ray version: Ray Data keeps its console output
+                return
+            configure_logging()
+
 
 def setup_logging():
+    """raydet's log lines (``INFO``) on stdout, and Ray's library logs off the console
+    (:func:`configure_ray_console`). Called first by every command and in every Ray Train worker."""
+    configure_ray_console()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stdout, force=False)
     logging.getLogger("raydet").setLevel(logging.INFO)
 
 
 def init_ray():
-    """Connect to the cluster in RAY_ADDRESS (``ray job submit``) or a running local one; else start one."""
+    """Connect to the cluster in RAY_ADDRESS (``ray job submit``) or a running local one; else start one. Says which,
+    with the cluster's CPUs and GPUs and where Ray's own logs are."""
+    global _CONNECTED
+    configure_ray_console()
     import ray
 
     if ray.is_initialized():
         return
     ray.init(logging_level=logging.WARNING, log_to_driver=True)
+    _CONNECTED = True
+    resources = ray.cluster_resources()
+    logs = _ray_log_dir()
+    log.info("raydet: Ray %s at %s: %g CPUs, %g GPUs%s", ray.__version__, ray.get_runtime_context().gcs_address,
+             resources.get("CPU", 0), resources.get("GPU", 0), f"; Ray's own logs in {logs}" if logs else "")
+
+
+def release_ray() -> None:
+    """Disconnect from Ray (stopping the local instance :func:`init_ray` started) when :func:`init_ray` connected
+    this process, so that no more worker output reaches the console: a failed command's ``error:`` line stays its
+    last. Ray that a caller started is left alone."""
+    global _CONNECTED
+    if _CONNECTED:
+        import ray
+
+        _CONNECTED = False
+        ray.shutdown()
+
+
+def _ray_log_dir() -> str | None:
+    """This node's folder of Ray's log files (``<session>/logs``), or None when Ray does not say."""
+    try:
+        from ray._private.worker import _global_node
+        return _global_node.get_logs_dir_path() if _global_node is not None else None
+    except (ImportError, AttributeError):
+        return None
+
+
+def train_run_config_kwargs() -> dict:
+    """``RunConfig`` keyword arguments that keep Ray Train's console output to ``CRITICAL`` (its records go to
+    ``<session>/logs/train/``); none with a Ray Train that has no ``LoggingConfig``."""
+    try:
+        from ray.train import LoggingConfig
+    except ImportError:
+        return {}
+    return {"logging_config": LoggingConfig(log_level=RAY_TRAIN_CONSOLE_LEVEL)}
 
 
 def check_cluster_resources(sections: Sections) -> None:

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import torch
 
-import raydet.data  # noqa: F401  (registers the dataset and transform types)
-import raydet.models  # noqa: F401  (registers the model components)
+import raydet.models  # noqa: F401  (registers the model components; raydet.data below the datasets and transforms)
 from raydet.commands.sections import Sections, parse_sections
 from raydet.config import Config
 from raydet.data.pipeline import build_transforms

@@ -2,6 +2,8 @@
 
 * readers (records, see raydet.structures): :class:`CocoDataset`, :class:`VOCDataset`,
   :class:`SyntheticShapesDataset` (raydet.data.datasets)
+* image files: :func:`read_image` (strict decoding, EXIF orientation), :func:`read_image_header`
+  (raydet.data.image_io)
 * per-image transforms: :class:`Resize`, :class:`RandomFlip`; batch-level :class:`Normalize`, :class:`Pad`
   (raydet.data.transforms); :func:`build_transforms` splits a pipeline list (raydet.data.pipeline)
 * batches: :func:`collate_detection` (raydet.data.collate)
@@ -11,8 +13,8 @@
 Importing this package does not import torch (``collate_detection`` / ``collate_samples`` load it on first use),
 so Ray Data decode actors, which unpickle classes from here, start without paying for torch.
 """
-from .datasets import (VOC_CLASSES, CocoDataset, CorruptImageError, DetectionDataset, SyntheticShapesDataset,
-                       VOCDataset, read_image)
+from .datasets import VOC_CLASSES, CocoDataset, DetectionDataset, SyntheticShapesDataset, VOCDataset
+from .image_io import CorruptImageError, ImageSizeMismatchError, read_image, read_image_header
 from .pipeline import Compose, TorchDetectionDataset, build_transforms, image_rng, load_sample, record_to_sample
 from .ray_data import DecodeAndTransform, build_ray_dataset, iter_detection_batches
 from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Transform, rescale_size, scales_from_range
@@ -20,7 +22,7 @@ from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Trans
 __all__ = [
     "CollateConfig", "collate_detection", "collate_samples",
     "DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
-    "CorruptImageError",
+    "CorruptImageError", "ImageSizeMismatchError", "read_image_header",
     "Compose", "build_transforms", "image_rng", "load_sample", "record_to_sample", "TorchDetectionDataset",
     "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches",
     "Transform", "Resize", "RandomFlip", "Normalize", "Pad", "scales_from_range", "rescale_size",

@@ -6,9 +6,11 @@ problems and the count; ``on_error="skip"`` drops the bad annotation (or the who
 itself is bad) and emits a single warning with the counts per kind of problem and the first examples. Nothing
 is dropped silently.
 
-Images are decoded lazily with OpenCV (:func:`read_image`): readers only hold records, so a dataset object is
-cheap to ship to Ray Data actors. ``image_loader()`` returns the small picklable callable that decodes one
-record's image; :meth:`DetectionDataset.load_image` uses it.
+Images are decoded lazily (:func:`raydet.data.image_io.read_image`): readers only hold records, so a dataset object
+is cheap to ship to Ray Data actors. ``image_loader()`` returns the small picklable callable that decodes one
+record's image; :meth:`DetectionDataset.load_image` uses it. When the annotations are read, each image's header is
+looked at (``check_images``) and the EXIF orientation its decoders apply is stored in the record
+(``exif_orientation``, see :mod:`raydet.data.image_io`).
 """
 from __future__ import annotations
 
@@ -22,16 +24,19 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 
+from raydet.masks import valid_polygons
 from raydet.registry import register
 
+from .image_io import (CorruptImageError, ImageSizeMismatchError, check_exif_orientation, image_file_problem,
+                       read_image, read_image_header, resolve_orientation)
 from .pipeline import build_transforms
 from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
-           "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError"]
+           "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError", "ImageSizeMismatchError",
+           "image_file_problem", "check_image_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,90 +49,84 @@ _MAX_EXAMPLES = 5
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Image decoding.
+# Image files (reading them: raydet.data.image_io).
 
-class CorruptImageError(OSError):
-    """An image file exists but cannot be decoded completely (corrupt, truncated, not an image)."""
-
-
-def _truncated_jpeg(data: bytes) -> bool:
-    # Entropy-coded JPEG data stuffs every 0xFF byte, so an end-of-image marker (FF D9) after the last
-    # start-of-scan marker (FF DA) means the last scan is complete.
-    return data[:2] == b"\xff\xd8" and data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+def _check_check_images(check_images) -> None:
+    if not (isinstance(check_images, bool) or check_images == "decode"):
+        raise ValueError(f"check_images must be true, false or 'decode', got {check_images!r}")
 
 
-def read_image(path: str, image_id: Any = None) -> np.ndarray:
-    """Decode an image file -> uint8 (h, w, 3) RGB, pixels in stored order (EXIF orientation is not applied,
-    as annotations refer to the stored pixels).
+def check_image_files(records: list[dict], problems: _Problems, describe, exif_orientation: str = "auto",
+                      check: str = "header", threads: int = 16) -> list[dict]:
+    """Look at each record's image file when the annotations are read: drop the unusable ones (each reported to
+    ``problems`` with ``describe(record)``) and store in each kept record the EXIF orientation its decoders apply
+    (``record["orientation"]``, 1-8, decided by :func:`~raydet.data.image_io.resolve_orientation` from the header
+    and the record's height and width).
 
-    Raises FileNotFoundError (missing) or :class:`CorruptImageError` (undecodable or truncated), naming the file
-    and the image id.
+    ``check``: ``"header"``: the first and last bytes (:func:`image_file_problem`) and the header's size and EXIF
+    orientation (Pillow, no pixel decoding; threads, the work is I/O); ``"decode"``: also a full strict decode of
+    every image (:func:`read_image`), which finds damaged data before training starts. Problem kinds:
+    ``bad_image_file``, ``image_size_mismatch`` (the size fits no frame ``exif_orientation`` allows),
+    ``corrupt_image`` (found by decoding).
     """
-    who = f"image id {image_id}: " if image_id is not None else ""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{who}image file not found: {path}") from None
-    except OSError as exc:
-        raise OSError(f"{who}cannot read image file {path}: {exc}") from None
-    if data.size == 0:
-        raise CorruptImageError(f"{who}image file is empty: {path}")
-    if _truncated_jpeg(data.tobytes()):
-        raise CorruptImageError(f"{who}truncated JPEG (no end-of-image marker after the last scan): {path}")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise CorruptImageError(f"{who}cannot decode image file (corrupt, truncated or not an image): {path}")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-_IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
-_TAIL_BYTES = 64   # a JPEG's end-of-image marker may be followed by a little padding
-
-
-def image_file_problem(path: str) -> str | None:
-    """Why ``path`` is not a complete image file, from a cheap look at its first and last bytes (no decoding):
-    missing, empty, not a JPEG / PNG / BMP / TIFF / GIF / WebP, or a JPEG without its end-of-image marker (the file
-    was cut short). None when it looks complete. Corruption inside the data is only found when decoding."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(size - _TAIL_BYTES, 0))
-            tail = f.read()
-    except FileNotFoundError:
-        return "image file not found"
-    except OSError as exc:
-        return f"cannot read the image file: {exc.strerror or exc}"
-    if size == 0:
-        return "image file is empty"
-    if not (head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
-        return "not an image file (unknown format)"
-    if head.startswith(b"\xff\xd8") and b"\xff\xd9" not in tail:
-        return "truncated JPEG (the file ends before its end-of-image marker)"
-    return None
-
-
-def check_image_files(records: list[dict], problems: _Problems, describe, threads: int = 16) -> list[dict]:
-    """Drop the records whose ``img_path`` fails :func:`image_file_problem`, reporting each to ``problems`` with
-    ``describe(record)``. Files are probed in a thread pool (the work is I/O)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        found = list(pool.map(image_file_problem, [r["img_path"] for r in records]))
-    kept = []
-    for record, why in zip(records, found):
-        if why is None:
-            kept.append(record)
-        else:
-            problems.add("bad_image_file", f"{describe(record)}: {why}: {record['img_path']} (image dropped)")
+    def probe(record: dict) -> tuple[str | None, str, int, int]:
+        """(problem kind or None, message, orientation to apply, the header's orientation)."""
+        path = record["img_path"]
+        why = image_file_problem(path)
+        if why is not None:
+            return "bad_image_file", f"{why}: {path}", 1, 1
+        try:
+            header = read_image_header(path)
+        except OSError as exc:
+            return "bad_image_file", str(exc), 1, 1
+        try:
+            orientation = resolve_orientation(exif_orientation, header, (record["height"], record["width"]), path)
+        except ImageSizeMismatchError as exc:
+            return "image_size_mismatch", str(exc), 1, header.orientation
+        if check == "decode":
+            try:
+                read_image(path, orientation=orientation)
+            except OSError as exc:
+                return "corrupt_image", str(exc), 1, header.orientation
+        return None, "", orientation, header.orientation
+
+    if check == "decode":
+        threads = max(1, min(threads, os.cpu_count() or 1))  # decoders release the GIL: one thread per CPU
+    # Pillow's notes on odd EXIF data or large images are not problems here: quiet them for the pool, from this
+    # thread only (catch_warnings swaps process-wide state; entered from several threads it loses the caller's)
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
+        warnings.simplefilter("ignore")
+        found = list(pool.map(probe, records))
+    kept, rotated, as_stored = [], 0, 0
+    for record, (kind, why, orientation, tagged) in zip(records, found):
+        if kind is not None:
+            problems.add(kind, f"{describe(record)}: {why} (image dropped)")
+            continue
+        record["orientation"] = orientation
+        kept.append(record)
+        if tagged != 1:
+            rotated += orientation != 1
+            as_stored += orientation == 1
+    if rotated or as_stored:
+        logger.info("%s: %d images carry an EXIF orientation (exif_orientation=%s): %d are used upright, %d as "
+                    "stored", problems.source, rotated + as_stored, exif_orientation, rotated, as_stored)
     return kept
 
 
 class ImageFileLoader:
-    """Picklable ``record -> image``: decodes ``record["img_path"]`` with :func:`read_image`."""
+    """Picklable ``record -> image``: decodes ``record["img_path"]`` with :func:`read_image`, applying
+    ``record["orientation"]`` (decided when the annotations were read), else resolving ``exif_orientation`` from the
+    file's header and the record's height and width (readers built with ``check_images=False``)."""
+
+    def __init__(self, exif_orientation: str = "auto"):
+        self.exif_orientation = check_exif_orientation(exif_orientation)
 
     def __call__(self, record: dict) -> np.ndarray:
-        return read_image(record["img_path"], record.get("image_id"))
+        return read_image(record["img_path"], record.get("image_id"),
+                          record.get("orientation") or self.exif_orientation,
+                          size=(int(record["height"]), int(record["width"])))
 
 
 class SyntheticImageLoader:
@@ -147,15 +146,18 @@ class SyntheticImageLoader:
 # Problem collection and the on_error policy.
 
 class _Problems:
-    """Problems found while reading one source; counted per kind, with the first messages kept."""
+    """Problems found while reading one source; counted per kind, with the first messages kept (``examples``: the
+    first few of any kind; ``first``: kind -> its first message)."""
 
     def __init__(self, source: str):
         self.source = source
         self.counts: collections.Counter = collections.Counter()
         self.examples: list[str] = []
+        self.first: dict[str, str] = {}
 
     def add(self, kind: str, message: str) -> None:
         self.counts[kind] += 1
+        self.first.setdefault(kind, message)
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{kind}: {message}")
 
@@ -206,35 +208,30 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _segmentation_problem(seg, height: int, width: int) -> str | None:
-    """Why ``seg`` is not a usable COCO segmentation (polygon list or RLE dict), or None."""
+def _read_segmentation(seg, height: int, width: int) -> tuple[Any, str | None]:
+    """A COCO segmentation as records hold it (an RLE dict as it is; polygons as their
+    :func:`~raydet.masks.valid_polygons`), and why it is not usable (None when it is)."""
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if size is None or counts is None:
-            return f"RLE needs 'size' and 'counts', got keys {sorted(seg)}"
+            return seg, f"RLE needs 'size' and 'counts', got keys {sorted(seg)}"
         if not isinstance(size, (list, tuple)) or [int(s) if _is_int(s) else s for s in size] != [height, width]:
-            return f"RLE size {size} does not match the image size [{height}, {width}]"
+            return seg, f"RLE size {size} does not match the image size [{height}, {width}]"
         if isinstance(counts, list):
             if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                return f"uncompressed RLE counts must be non-negative ints summing to {height * width}"
+                return seg, f"uncompressed RLE counts must be non-negative ints summing to {height * width}"
         elif not isinstance(counts, (str, bytes)):
-            return f"RLE counts must be a string or a list of ints, got {type(counts).__name__}"
-        return None
+            return seg, f"RLE counts must be a string or a list of ints, got {type(counts).__name__}"
+        return seg, None
     if not isinstance(seg, list) or not seg:
-        return f"expected a non-empty list of polygons or an RLE dict, got {type(seg).__name__}"
-    usable = 0
-    for j, poly in enumerate(seg):
-        if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                 for v in poly):
-            return f"polygon {j} is not a flat list of numbers"
-        if len(poly) % 2:
-            return f"polygon {j} has an odd number of coordinates ({len(poly)})"
-        if not all(math.isfinite(v) for v in poly):
-            return f"polygon {j} has non-finite coordinates"
-        usable += len(poly) >= 6
+        return seg, f"expected a non-empty list of polygons or an RLE dict, got {type(seg).__name__}"
+    try:
+        usable = valid_polygons(seg)  # the one rule of raydet.masks, shared with training and evaluation
+    except ValueError as exc:
+        return seg, str(exc)
     if not usable:
-        return "no polygon has 3 or more points"
-    return None
+        return seg, "no polygon encloses an area (3 or more points, not all on one line)"
+    return usable, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,6 +255,7 @@ class DetectionDataset:
     with_masks: bool = False
     filter_empty_gt: bool = False
     sources: str = ""
+    problems = None  # what on_error="skip" dropped while reading: counts per kind, first messages (or None)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -275,7 +273,7 @@ class DetectionDataset:
 
     def image_loader(self):
         """A small picklable ``record -> uint8 (h, w, 3) RGB`` callable (what Ray Data actors receive)."""
-        return ImageFileLoader()
+        return ImageFileLoader(getattr(self, "exif_orientation", "auto"))
 
     def load_image(self, record: dict) -> np.ndarray:
         """Decode one record's image (uint8 (h, w, 3) RGB)."""
@@ -311,6 +309,20 @@ def _check_num_classes(num_classes: int | None, classes: Sequence[str], source: 
     if num_classes is not None and num_classes != len(classes):
         raise ValueError(f"{source}: num_classes={num_classes} but the dataset has {len(classes)} classes "
                          f"({', '.join(classes)})")
+
+
+def _class_names(classes, owner: str) -> tuple[str, ...] | None:
+    """``classes`` as a tuple of names (None stays None). A string is refused, not split into its letters."""
+    if classes is None:
+        return None
+    if isinstance(classes, str):
+        raise ValueError(f"{owner}: classes must be a list of class names, got the string {classes!r} "
+                         f"(for one class write [{classes!r}])")
+    classes = tuple(classes)
+    bad = [c for c in classes if not isinstance(c, str) or not c]
+    if bad:
+        raise ValueError(f"{owner}: classes must be non-empty strings, got {bad[0]!r} in {list(classes)}")
+    return classes
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,8 +385,15 @@ class CocoDataset(DetectionDataset):
         classes: select these categories by name, label ``i`` = ``classes[i]``; annotations of other categories
             are dropped (counted, logged at info level). Default: every category, labels in sorted-id order.
         on_error: ``"fail"`` or ``"skip"`` (see the module docstring).
-        check_images: look at every image file's first and last bytes when reading (missing, empty, not an image,
-            truncated JPEG), so such images fail (or are skipped) before training starts, not mid-epoch.
+        check_images: ``true`` (default): look at every image file's first and last bytes and its header when
+            reading (missing, empty, not an image, truncated JPEG, a size that fits no frame), so such images fail
+            (or are skipped) before training starts, not mid-epoch; ``"decode"``: also decode every image in full
+            (strict: damaged JPEG data is found too); ``false``: no look (the decoders then resolve
+            ``exif_orientation`` and report problems when they meet the image).
+        exif_orientation: ``"auto"`` (default), ``"apply"`` or ``"ignore"``: which frame the annotations are in for
+            images with an EXIF orientation, see :mod:`raydet.data.image_io`. ``auto`` decides per image from the
+            header's size: annotations of the upright size get the rotation applied, those of the stored size keep
+            the stored pixels, any other size is an ``image_size_mismatch`` problem naming the file.
 
     Crowd annotations (``iscrowd=1``, or ``ignore=1``) become ignored boxes. Boxes go from xywh to xyxy; a box
     that sticks out of the image by at most 1 px is clipped, further out it is an error, as is a non-positive
@@ -383,8 +402,12 @@ class CocoDataset(DetectionDataset):
 
     def __init__(self, ann_file: str, img_prefix: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, with_masks: bool = False, num_classes: int | None = None,
-                 classes: Sequence[str] | None = None, on_error: str = "fail", check_images: bool = True):
+                 classes: Sequence[str] | None = None, on_error: str = "fail", check_images: bool | str = True,
+                 exif_orientation: str = "auto"):
         _check_on_error(on_error)
+        _check_check_images(check_images)
+        self.exif_orientation = check_exif_orientation(exif_orientation)
+        classes = _class_names(classes, f"CocoDataset({ann_file})")
         self.ann_file, self.img_prefix = str(ann_file), str(img_prefix)
         self.sources = self.ann_file
         self.filter_empty_gt, self.with_masks, self.on_error = filter_empty_gt, with_masks, on_error
@@ -397,8 +420,10 @@ class CocoDataset(DetectionDataset):
         records = self._read_annotations(data.get("annotations", []), images, problems)
         if check_images:
             records = check_image_files(
-                records, problems, lambda r: f"image id {r['image_id']} (file_name {r['file_name']!r})")
+                records, problems, lambda r: f"image id {r['image_id']} (file_name {r['file_name']!r})",
+                self.exif_orientation, "decode" if check_images == "decode" else "header")
         problems.resolve(on_error)
+        self.problems = problems
         self._coco_gt = None
         self._finish(records)
 
@@ -522,13 +547,16 @@ class CocoDataset(DetectionDataset):
         reject(outside, "box_outside_image", lambda i: f"bbox {anns[i].get('bbox')} extends more than "
                f"{_CLIP_TOLERANCE:g} px outside the {int(widths[i])}x{int(heights[i])} image")
         reject(nonpos, "nonpositive_box", lambda i: f"bbox {anns[i].get('bbox')} has no area inside the image")
+        segmentations: dict[int, Any] = {}
         if self.with_masks:
             for i in np.flatnonzero(keep):
-                why = _segmentation_problem(anns[i].get("segmentation"), int(heights[i]), int(widths[i]))
+                seg, why = _read_segmentation(anns[i].get("segmentation"), int(heights[i]), int(widths[i]))
                 if why is not None:
                     problems.add("malformed_segmentation", f"{describe(i)}: segmentation: {why} "
                                  f"(annotation dropped)")
                     keep[i] = False
+                else:
+                    segmentations[int(i)] = seg
 
         crowd = np.array([bool(a.get("iscrowd", 0)) or bool(a.get("ignore", 0)) for a in anns], bool)
         # Group the kept annotations by image, in annotation order.
@@ -549,43 +577,19 @@ class CocoDataset(DetectionDataset):
                 "img_path": os.path.join(self.img_prefix, im["file_name"]),
                 "ann_ids": [ann_ids[i] for i in idx.tolist()],
             }
-            if self.with_masks:
-                rec["masks"] = [anns[i]["segmentation"] for i in idx.tolist()]
+            if self.with_masks:  # polygons as the valid ones (raydet.masks.valid_polygons); RLE as it is
+                rec["masks"] = [segmentations[i] for i in idx.tolist()]
             records.append(rec)
         return records
 
     def coco_gt(self):
         """The annotation json restricted to the kept images, annotations and selected categories (pycocotools
-        ``COCO``), so official areas and crowd regions are what COCOeval sees."""
+        ``COCO``), so official areas and crowd regions are what COCOeval sees, with the records' meanings of an
+        ignored box and a valid polygon: :func:`raydet.evaluation.coco_gt_from_json`."""
         if self._coco_gt is None:
-            from pycocotools.coco import COCO
+            from raydet.evaluation.coco import coco_gt_from_json
 
-            data = load_json(self.ann_file)
-            image_ids = {r["image_id"] for r in self.records}
-            ann_ids = {a for r in self.records for a in r["ann_ids"]}
-            cat_ids = set(self.cat_ids)
-            dataset = dict(data)
-            seen: set = set()
-            dataset["images"] = []
-            for im in data["images"]:
-                if isinstance(im, dict) and im.get("id") in image_ids and im["id"] not in seen:
-                    seen.add(im["id"])
-                    dataset["images"].append(im)
-            dataset["annotations"] = [a for a in data.get("annotations", [])
-                                      if isinstance(a, dict) and a.get("id") in ann_ids]
-            dataset["categories"] = [c for c in data["categories"] if c["id"] in cat_ids]
-            if len(dataset["annotations"]) != len(ann_ids):  # duplicate ids: keep the first occurrence of each
-                firsts: dict = {}
-                for a in dataset["annotations"]:
-                    firsts.setdefault(a["id"], a)
-                dataset["annotations"] = list(firsts.values())
-            from raydet.evaluation.coco import quiet_pycocotools
-
-            coco = COCO()
-            coco.dataset = dataset
-            with quiet_pycocotools():
-                coco.createIndex()
-            self._coco_gt = coco
+            self._coco_gt = coco_gt_from_json(load_json(self.ann_file), self.records, self.cat_ids)
         return self._coco_gt
 
 
@@ -613,14 +617,18 @@ class VOCDataset(DetectionDataset):
     Boxes are the VOC integers as (x1, y1, x2, y2) = (xmin, ymin, xmax, ymax), with no +1/-1 shift. Image ids are
     1..N in the order of the split files (roots in order); records also carry ``voc_id`` and ``img_path``.
     Difficult objects are ignored boxes when ``with_difficult_as_ignore`` (VOC evaluation skips them), else
-    ordinary boxes. Category ids are 1..C in ``classes`` order. ``check_images`` as in :class:`CocoDataset`.
+    ordinary boxes. Category ids are 1..C in ``classes`` order. ``check_images`` and ``exif_orientation`` as in
+    :class:`CocoDataset`; a missing ``<size>`` is read from the image's header (the upright size unless
+    ``exif_orientation`` is ``"ignore"``).
     """
 
     def __init__(self, roots: Sequence[str], split: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, num_classes: int | None = None,
                  classes: Sequence[str] | None = None, on_error: str = "fail", with_difficult_as_ignore: bool = True,
-                 check_images: bool = True):
+                 check_images: bool | str = True, exif_orientation: str = "auto"):
         _check_on_error(on_error)
+        _check_check_images(check_images)
+        self.exif_orientation = check_exif_orientation(exif_orientation)
         if isinstance(roots, str):
             roots = [roots]
         if not roots:
@@ -629,6 +637,7 @@ class VOCDataset(DetectionDataset):
         self.sources = ", ".join(os.path.join(r, "ImageSets", "Main", f"{split}.txt") for r in self.roots)
         self.filter_empty_gt, self.with_masks, self.on_error = filter_empty_gt, False, on_error
         self.with_difficult_as_ignore = with_difficult_as_ignore
+        classes = _class_names(classes, f"VOCDataset({self.sources})")
         self.classes = tuple(VOC_CLASSES if classes is None else classes)
         if len(set(self.classes)) != len(self.classes) or not self.classes:
             raise ValueError(f"{self.sources}: classes must be unique and non-empty, got {list(self.classes)}")
@@ -650,8 +659,10 @@ class VOCDataset(DetectionDataset):
                 if rec is not None:
                     records.append(rec)
         if check_images:
-            records = check_image_files(records, problems, lambda r: f"image {r['voc_id']}")
+            records = check_image_files(records, problems, lambda r: f"image {r['voc_id']}", self.exif_orientation,
+                                        "decode" if check_images == "decode" else "header")
         problems.resolve(on_error)
+        self.problems = problems
         self._coco_gt = None
         self._finish(records)
 
@@ -671,8 +682,9 @@ class VOCDataset(DetectionDataset):
         h = _xml_number(size, "height") if size is not None else math.nan
         w = _xml_number(size, "width") if size is not None else math.nan
         if not (h > 0 and w > 0 and float(h).is_integer() and float(w).is_integer()):
-            try:  # like MMDetection: fall back to the image itself when <size> is missing or zero
-                h, w = read_image(img_path, image_id).shape[:2]
+            try:  # like MMDetection: fall back to the image itself (its header) when <size> is missing or zero
+                header = read_image_header(img_path, image_id)
+                h, w = (header.height, header.width) if self.exif_orientation == "ignore" else header.upright_size
             except OSError as exc:
                 problems.add("bad_image", f"{what}: no valid <size> and the image cannot be read: {exc} "
                              f"(image dropped)")

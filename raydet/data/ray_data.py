@@ -6,15 +6,19 @@ Flow (one Ray Dataset per pass over the data)::
       --map_batches(DecodeAndTransform, ActorPoolStrategy)--> one row per transformed image (numpy columns)
       --(training worker) iter_detection_batches: aspect-ratio groups + collate_detection--> model batches
 
-Light rows (the input) carry ``index, image_id, epoch, img_path, file_name, height, width``, the annotation
-arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool and, with masks, ``masks_json`` (the
-record's polygons / RLE as a JSON string). Output rows carry
+Light rows (the input) carry ``index, image_id, epoch, img_path, file_name, height, width``, ``orientation`` (the
+EXIF orientation the decoder applies, decided by the reader; 0 = not decided, the loader resolves its policy), the
+annotation arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool and, with masks,
+``masks_json`` (the record's polygons / RLE as a JSON string). Output rows carry
 
     image         uint8 (h, w, 3) RGB, after the per-image transforms (uint8 keeps object-store traffic 4x lower)
     boxes         float32 (n, 4) (n may be 0), labels int64 (n,), ignore_boxes float32 (k, 4)
     image_id, index, epoch, ori_h, ori_w (int64), scale_x, scale_y (float64), flip (bool)
     masks         (with masks) str: the n instance masks as compressed COCO RLE at the transformed size, their
                   ``counts`` joined by single spaces ("" when n == 0). RLE counts use the characters 48..111 only.
+    error         str: "" or, for an image that could not be used under the training dataset's ``on_error: skip``
+                  (missing, corrupt, a size that fits no frame), why; the row then holds a 1x1 placeholder image
+                  and :func:`iter_detection_batches` puts a copy of another image of the epoch in its place.
 
 Arrow stores the arrays as (variable-shaped) tensor columns and the masks as a string column; nested Python
 lists are avoided on purpose (they become object columns that Ray cannot type).
@@ -29,17 +33,21 @@ actors to CPU-only nodes (custom resources).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 
 import numpy as np
 
 from raydet.masks import to_rle
 
+from .image_io import CorruptImageError
 from .pipeline import build_transforms, load_sample
 from .transforms import CollateConfig
 
 __all__ = ["DecodeAndTransform", "build_ray_dataset", "iter_detection_batches", "record_to_row", "row_to_record",
            "sample_to_row", "row_to_sample", "encode_masks", "decode_masks"]
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -81,6 +89,7 @@ def record_to_row(record: dict, index: int, epoch: int, with_masks: bool) -> dic
         "file_name": str(record.get("file_name", "")),
         "height": int(record["height"]),
         "width": int(record["width"]),
+        "orientation": int(record.get("orientation") or 0),
         "boxes": np.asarray(record["boxes"], np.float32).reshape(-1, 4),
         "labels": np.asarray(record["labels"], np.int64).reshape(-1),
         "ignore": np.asarray(record.get("ignore", np.zeros(len(record["labels"]), bool)), bool).reshape(-1),
@@ -102,6 +111,8 @@ def row_to_record(batch: dict, i: int, with_masks: bool) -> dict:
         "labels": np.asarray(batch["labels"][i], np.int64).reshape(-1),
         "ignore": np.asarray(batch["ignore"][i], bool).reshape(-1),
     }
+    if "orientation" in batch and int(batch["orientation"][i]):
+        record["orientation"] = int(batch["orientation"][i])
     if with_masks:
         record["masks"] = json.loads(str(batch["masks_json"][i]))
     return record
@@ -163,16 +174,19 @@ def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 class DecodeAndTransform:
-    """Ray Data actor: decode each light row's image with OpenCV and apply the per-image transforms.
+    """Ray Data actor: decode each light row's image (raydet.data.image_io) and apply the per-image transforms.
 
     Args:
         loader: picklable ``record -> image`` (``dataset.image_loader()``).
         pipeline: the dataset's pipeline list (``Normalize`` / ``Pad`` are left to the collate step).
         seed: augmentation seed; image ``i`` of epoch ``e`` uses ``default_rng([seed, e, image_id])``.
         with_masks: carry instance masks (as the RLE string column ``masks``).
+        on_error: ``"fail"``: an image that cannot be used (OSError: missing, :class:`CorruptImageError`, a size
+            that fits no frame) raises, naming the file; ``"skip"``: its row carries the reason in ``error`` (see
+            the module docstring).
     """
 
-    def __init__(self, loader, pipeline: list, seed: int = 0, with_masks: bool = False):
+    def __init__(self, loader, pipeline: list, seed: int = 0, with_masks: bool = False, on_error: str = "fail"):
         import cv2
 
         cv2.setNumThreads(1)  # one thread per actor: the actors are the parallelism
@@ -180,14 +194,26 @@ class DecodeAndTransform:
         self.transforms, _ = build_transforms(pipeline)
         self.seed = seed
         self.with_masks = with_masks
+        self.on_error = on_error
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for i in range(len(batch["index"])):
             record = row_to_record(batch, i, self.with_masks)
-            sample = load_sample(self.loader, record, self.transforms, seed=self.seed, epoch=int(batch["epoch"][i]),
-                                 with_masks=self.with_masks)
+            try:
+                sample = load_sample(self.loader, record, self.transforms, seed=self.seed,
+                                     epoch=int(batch["epoch"][i]), with_masks=self.with_masks)
+                error = ""
+            except OSError as exc:
+                if self.on_error != "skip":
+                    raise
+                sample = {"image": np.zeros((1, 1, 3), np.uint8), "boxes": np.zeros((0, 4), np.float32),
+                          "labels": np.zeros(0, np.int64), "ignore_boxes": np.zeros((0, 4), np.float32),
+                          "image_id": record["image_id"], "ori_shape": (1, 1), "scale_factor": (1.0, 1.0),
+                          "flip": False, "masks": []}
+                error = str(exc)
             row = sample_to_row(sample, self.with_masks)
+            row["error"] = error
             row["index"] = int(batch["index"][i])
             row["epoch"] = int(batch["epoch"][i])
             rows.append(row)
@@ -213,6 +239,10 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
     Args:
         dataset: a raydet dataset (``records``, ``pipeline``, ``with_masks``, ``image_loader()``).
         train: permute the records (seeded by ``[seed, epoch]``) before decoding; evaluation keeps the record order.
+            Training follows the dataset's ``on_error`` for images that fail when decoded (``skip``: replaced, see
+            :func:`iter_detection_batches`); evaluation always stops with the error, as an image left out would
+            change what the metrics measure (``check_images: decode`` finds such images when the annotations are
+            read).
             Both set ``preserve_order`` on this dataset's DataContext, so rows arrive in that order whichever actor
             finishes first: a seeded run sees the same batches every time, and a resumed run the batches an
             uninterrupted one would have seen.
@@ -259,7 +289,8 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
     ds = ds.map_batches(
         DecodeAndTransform,
         fn_constructor_kwargs={"loader": dataset.image_loader(), "pipeline": list(dataset.pipeline), "seed": seed,
-                               "with_masks": with_masks},
+                               "with_masks": with_masks,
+                               "on_error": getattr(dataset, "on_error", "fail") if train else "fail"},
         batch_size=actor_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),
@@ -280,23 +311,58 @@ def iter_detection_batches(data, batch_size: int, collate_cfg: CollateConfig, wi
 
     Training: rows go to one of two buffers, landscape (w >= h) or portrait (w < h), and a batch is emitted when a
     buffer holds ``batch_size`` rows, so a batch never mixes orientations (MMDetection's GroupSampler). At the
-    end, the partial buffers are emitted too (unless ``drop_last``).
+    end, the partial buffers are emitted too (unless ``drop_last``). A row whose image could not be used
+    (``error``, the dataset's ``on_error: skip``) is logged as a one-line warning naming the file, and a copy of
+    the latest usable image of the stream takes its place (MMDetection's training datasets pick another image
+    for one they cannot use): every worker still runs its iterations, as DDP needs. The batch then carries
+    ``skipped_images`` (how many of its images are such copies), which the LoggerHook sums per epoch.
     Evaluation: batches in arrival order (the dataset's order, see :func:`build_ray_dataset`), every image once.
+
+    Raises :class:`CorruptImageError` when no usable image arrives at all (training), or an evaluation row carries
+    an error.
     """
     from .collate import collate_detection  # torch: imported on the training worker only
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     buffers: dict[bool, list[dict]] = {True: [], False: []}
+    copies = {True: 0, False: 0}  # per buffer: how many of its samples stand in for unusable images
+
+    def collate(key: bool) -> dict:
+        batch = collate_detection(buffers[key], collate_cfg, with_masks, device)
+        if copies[key]:
+            batch["skipped_images"] = copies[key]
+        buffers[key], copies[key] = [], 0
+        return batch
+
+    latest, pending, first_error = None, 0, ""
     for cols in data.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches):
+        errors = cols.get("error")
         for i in range(len(cols["index"])):
-            sample = row_to_sample(cols, i, with_masks)
-            h, w = sample["img_shape"]
-            group = buffers[w >= h] if train else buffers[True]
-            group.append(sample)
-            if len(group) == batch_size:
-                yield collate_detection(group, collate_cfg, with_masks, device)
-                group.clear()
+            error = str(errors[i]) if errors is not None else ""
+            if error:
+                if not train:
+                    raise CorruptImageError(error)
+                logger.warning("on_error=skip: %s (a copy of another image of this epoch takes its place)", error)
+                first_error = first_error or error
+                pending += 1
+                if latest is None:
+                    continue
+                todo = [(latest, 1)] * pending
+            else:
+                latest = row_to_sample(cols, i, with_masks)
+                todo = [(latest, 0)] + [(latest, 1)] * pending
+            pending = 0
+            for sample, copy in todo:
+                h, w = sample["img_shape"]
+                key = bool(w >= h) if train else True
+                buffers[key].append(sample)
+                copies[key] += copy
+                if len(buffers[key]) == batch_size:
+                    yield collate(key)
+    if pending:
+        raise CorruptImageError(f"on_error=skip: none of the {pending} images of this worker's share of the epoch "
+                                f"could be used; first: {first_error}")
     for key in (True, False):
         if buffers[key] and not drop_last:
-            yield collate_detection(buffers[key], collate_cfg, with_masks, device)
+            yield collate(key)

@@ -9,13 +9,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raydet.errors import RaydetError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "CHECKPOINT_FILE", "resolve_checkpoint",
            "CheckpointError"]
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RaydetError, ValueError):
     """A checkpoint file cannot be read, is not a raydet checkpoint, or does not fit the model."""
 
 

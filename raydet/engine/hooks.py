@@ -1,10 +1,13 @@
 """Hooks: small objects called by the Runner at fixed points of the loop, in priority order.
 
 Users add their own from the pipeline (``hooks: [{type: MyHook, priority: 60, ...}]``) after registering the class
-with ``raydet.registry.register`` in a module listed under ``runtime.imports``.
+with ``raydet.registry.register`` in a module listed under ``runtime.imports``. ``priority`` (an int from 0 to 100 or a
+:class:`Priority` name such as ``NORMAL``, as in MMEngine's ``custom_hooks``) is taken by :func:`build_hook`, so a plain
+``Hook`` subclass needs no ``priority`` argument; the other keys are the class's arguments.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -16,10 +19,13 @@ from enum import IntEnum
 import torch
 
 from raydet.engine.dist import all_gather_object, broadcast_object
+from raydet.errors import RaydetError
 from raydet.engine.optim import LrScheduleConfig, lr_at
+from raydet.registry import REGISTRY, build, closest, error
 
-__all__ = ["HOOK_POINTS", "Priority", "Hook", "LrSchedulerHook", "OptimizerHook", "CheckpointHook", "LoggerHook",
-           "ProgressBarHook", "EvalHook", "EpochGateHook", "NonFiniteLossError", "CHECKPOINT_SCORE"]
+__all__ = ["HOOK_POINTS", "Priority", "Hook", "parse_priority", "build_hook", "LrSchedulerHook", "OptimizerHook",
+           "CheckpointHook", "LoggerHook", "ProgressBarHook", "EvalHook", "EpochGateHook", "NonFiniteLossError",
+           "CHECKPOINT_SCORE"]
 
 log = logging.getLogger("raydet")
 
@@ -64,8 +70,57 @@ class Hook:
         return None
 
 
-class NonFiniteLossError(FloatingPointError):
+def parse_priority(value, path: str = "priority") -> int:
+    """A hook priority from a pipeline: an int in [0, 100] or a :class:`Priority` name (any case).
+
+    Raises:
+        ConfigError: naming ``path``, with the closest name for a misspelt one.
+    """
+    if isinstance(value, str):
+        name = value.strip().upper()
+        if name in Priority.__members__:
+            return int(Priority[name])
+        raise error(path, f"unknown priority '{value}'{closest(name, Priority.__members__)} (an int from 0 to 100 "
+                          f"or one of {', '.join(Priority.__members__)})")
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 100:
+        return int(value)
+    raise error(path, f"expected an int from 0 to 100 or a name such as NORMAL, got {value!r}")
+
+
+def build_hook(spec, path: str) -> Hook:
+    """A :class:`Hook` from a ``hooks:`` entry ``{type: Name, priority: P, **arguments}`` (``priority`` optional,
+    see :func:`parse_priority`; it overrides the class's). A built Hook is returned as is.
+
+    Raises:
+        ConfigError: naming ``path`` and the key (unknown type or argument, bad priority, a type that is no Hook).
+    """
+    if isinstance(spec, Hook):
+        return spec
+    if not isinstance(spec, dict):
+        raise error(path, f"expected a mapping {{type: HookName, ...}}, got {spec!r}")
+    spec = dict(spec)
+    priority = parse_priority(spec.pop("priority"), f"{path}.priority") if "priority" in spec else None
+    name = spec.get("type")
+    if isinstance(name, str) and name not in REGISTRY:
+        hooks = [k for k, v in REGISTRY.items() if isinstance(v, type) and issubclass(v, Hook)]
+        raise error(f"{path}.type", f"unknown hook type '{name}'{closest(name, hooks)} (a hook class must be "
+                                    f"registered with raydet.registry.register in a module listed in runtime.imports)")
+    factory = REGISTRY.get(name)
+    takes_priority = factory is not None and "priority" in inspect.signature(factory).parameters
+    if priority is not None and takes_priority:  # the class takes it itself
+        spec["priority"] = priority
+    hook = build(spec, path)
+    if not isinstance(hook, Hook):
+        raise error(f"{path}.type", f"{spec['type']} is not a hook (subclass raydet.engine.hooks.Hook)")
+    if priority is not None:
+        hook.priority = priority
+    return hook
+
+
+class NonFiniteLossError(RaydetError, FloatingPointError):
     """A loss became NaN or infinite; the message names the iteration and the loss terms."""
+
+    exit_code = 1  # the run failed, wherever it ran
 
 
 # --------------------------------------------------------------------------------------------------- schedule
@@ -260,7 +315,9 @@ class EpochGateHook(Hook):
 # --------------------------------------------------------------------------------------------------- logging
 class LoggerHook(Hook):
     """Every ``interval`` iterations on rank 0: each loss term (averaged over the interval), lr, data time, iteration
-    time, ETA and peak memory, to the console, ``<run folder>/log.jsonl`` and TensorBoard (``<run folder>/tb``)."""
+    time, ETA and peak memory, to the console, ``<run folder>/log.jsonl`` and TensorBoard (``<run folder>/tb``);
+    ``skipped_images`` (also ``train/skipped_images`` of the epoch's metrics) when images that failed to decode were
+    replaced under ``data.train.on_error: skip`` (this worker's count in the epoch so far)."""
 
     priority = Priority.VERY_LOW
 
@@ -273,6 +330,7 @@ class LoggerHook(Hook):
         self.t_iter = self.t_start = 0.0
         self.epoch_sums: dict[str, float] = defaultdict(float)
         self.epoch_count = 0
+        self.epoch_skipped = 0  # images replaced by copies under data.train.on_error=skip (raydet.data.ray_data)
 
     def before_run(self, runner):
         self.t_start = time.perf_counter()
@@ -292,6 +350,7 @@ class LoggerHook(Hook):
     def before_train_epoch(self, runner):
         self.epoch_sums.clear()
         self.epoch_count = 0
+        self.epoch_skipped = 0
 
     def before_train_iter(self, runner):
         self.t_iter = time.perf_counter()
@@ -306,6 +365,9 @@ class LoggerHook(Hook):
         self.epoch_count += 1
         # kept current every iteration: hooks that run before this one at after_train_epoch (checkpoint reports) see it
         runner.epoch_log = {f"train/{k}": v / self.epoch_count for k, v in self.epoch_sums.items()}
+        self.epoch_skipped += int((getattr(runner, "batch", None) or {}).get("skipped_images", 0))
+        if self.epoch_skipped:  # this worker's count of the epoch so far
+            runner.epoch_log["train/skipped_images"] = self.epoch_skipped
         self.window["time"].append(time.perf_counter() - self.t_iter + runner.data_time)
         self.window["data_time"].append(runner.data_time)
         if (runner.iter + 1) % self.interval == 0:
@@ -319,6 +381,8 @@ class LoggerHook(Hook):
         self.window.clear()
         record.update(mode="train", epoch=runner.epoch + 1, iter=runner.iter + 1,
                       lr=runner.optimizer.param_groups[0]["lr"], memory_mb=_peak_memory_mb(runner.device))
+        if self.epoch_skipped:
+            record["skipped_images"] = self.epoch_skipped
         if runner.iters_per_epoch:
             done = runner.iter + 1 - self.start_iter
             remaining = runner.max_epochs * runner.iters_per_epoch - (runner.iter + 1)

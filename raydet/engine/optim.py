@@ -8,7 +8,8 @@ from torch import nn
 
 from raydet.registry import ConfigError, build_dataclass, closest, error
 
-__all__ = ["OptimizerConfig", "LrScheduleConfig", "build_optimizer", "scaled_lr", "lr_at"]
+__all__ = ["OptimizerConfig", "LrScheduleConfig", "parse_optimizer", "parse_lr_schedule", "build_optimizer",
+           "scaled_lr", "lr_at", "OPTIMIZERS"]
 
 OPTIMIZERS = {"SGD": torch.optim.SGD, "Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 
@@ -41,14 +42,58 @@ class LrScheduleConfig:
     gamma: float = 0.1
 
 
+GRAD_CLIP_KEYS = ("max_norm", "norm_type", "error_if_nonfinite", "foreach")  # torch.nn.utils.clip_grad_norm_'s
+
+
 def parse_optimizer(cfg: dict | None, path: str = "optimizer") -> OptimizerConfig:
-    return build_dataclass(OptimizerConfig, dict(cfg or {}), path)
+    """The ``optimizer:`` section, checked: unknown keys (with a "did you mean"), the type, value ranges and the
+    ``grad_clip`` keys.
+
+    Raises:
+        ConfigError: naming the file (from the build context) and the dotted key.
+    """
+    opt = build_dataclass(OptimizerConfig, dict(cfg or {}), path)
+    if opt.type not in OPTIMIZERS:
+        raise error(f"{path}.type", f"unknown optimizer '{opt.type}'{closest(opt.type, OPTIMIZERS)} "
+                                    f"(one of {', '.join(OPTIMIZERS)})")
+    if not opt.lr >= 0:  # 0 is allowed: a frozen baseline (e.g. the worse arm of a study)
+        raise error(f"{path}.lr", f"must be >= 0, got {opt.lr!r}")
+    for key in ("momentum", "weight_decay"):
+        if getattr(opt, key) < 0:
+            raise error(f"{path}.{key}", f"must be >= 0, got {getattr(opt, key)!r}")
+    if opt.base_batch_size < 1:
+        raise error(f"{path}.base_batch_size", f"must be >= 1, got {opt.base_batch_size}")
+    if len(opt.betas) != 2 or not all(0 <= b < 1 for b in opt.betas):
+        raise error(f"{path}.betas", f"expected two numbers in [0, 1), got {opt.betas}")
+    if opt.grad_clip is not None:
+        for key in opt.grad_clip:
+            if key not in GRAD_CLIP_KEYS:
+                raise error(f"{path}.grad_clip.{key}", f"unknown key of grad_clip{closest(key, GRAD_CLIP_KEYS)} "
+                                                       f"(valid: {', '.join(GRAD_CLIP_KEYS)})")
+        max_norm = opt.grad_clip.get("max_norm")
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or max_norm <= 0:
+            raise error(f"{path}.grad_clip.max_norm", f"expected a number > 0, got {max_norm!r}")
+    return opt
 
 
 def parse_lr_schedule(cfg: dict | None, path: str = "lr_schedule") -> LrScheduleConfig:
+    """The ``lr_schedule:`` section, checked (unknown keys with a "did you mean", the warmup mode, value ranges).
+
+    Raises:
+        ConfigError: naming the file (from the build context) and the dotted key.
+    """
     sched = build_dataclass(LrScheduleConfig, dict(cfg or {}), path)
     if sched.warmup not in (None, "linear", "constant"):
-        raise error(f"{path}.warmup", f"must be linear, constant or null, got {sched.warmup!r}")
+        raise error(f"{path}.warmup", f"must be linear, constant or null, got {sched.warmup!r}"
+                                      f"{closest(str(sched.warmup), ('linear', 'constant'))}")
+    if sched.warmup_iters < 0:
+        raise error(f"{path}.warmup_iters", f"must be >= 0, got {sched.warmup_iters}")
+    if not 0 <= sched.warmup_ratio <= 1:
+        raise error(f"{path}.warmup_ratio", f"must be in [0, 1], got {sched.warmup_ratio}")
+    if any(s < 0 for s in sched.steps):
+        raise error(f"{path}.steps", f"epochs must be >= 0, got {sched.steps}")
+    if sched.gamma <= 0:
+        raise error(f"{path}.gamma", f"must be > 0, got {sched.gamma}")
     return sched
 
 
@@ -59,7 +104,7 @@ def scaled_lr(cfg: OptimizerConfig, total_batch_size: int) -> float:
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
     """An optimizer over the trainable parameters, every one with weight decay (MMDetection's default)."""
-    if cfg.type not in OPTIMIZERS:
+    if cfg.type not in OPTIMIZERS:  # a config built in Python, not through parse_optimizer
         raise ConfigError(f"optimizer.type: unknown optimizer '{cfg.type}'{closest(cfg.type, OPTIMIZERS)}")
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.type == "SGD":

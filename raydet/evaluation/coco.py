@@ -6,6 +6,18 @@ COCO result entries with :func:`predictions_to_coco_results`; :func:`evaluate_co
 
 Metrics are on a 0-1 scale. As in pycocotools, an entry with nothing to measure (e.g. ``APs`` when no ground-truth
 object is small) is -1.
+
+One meaning per concept, in training and in every metric (bbox, segm, proposal recall, VOC):
+
+* **Ignored** ground truth is the record's ``ignore`` flag: COCO ``iscrowd: 1`` or ``ignore: 1``, VOC ``difficult``.
+  Training passes those boxes to the assigners as ``gt_boxes_ignore``; VOC mAP neither counts them nor scores
+  detections on them. COCOeval honours only ``iscrowd`` (its ``_prepare`` sets ``gt["ignore"]`` from ``iscrowd``,
+  overwriting any ``ignore`` key), so the ground truth handed to it always carries ``iscrowd`` = the record's flag
+  (:func:`coco_from_records`, :func:`coco_gt_from_json`): an ignored box is a crowd region for COCOeval (detections
+  on it are neither true nor false positives; overlap with it is intersection over the detection's area, as the
+  assigners' ``ignore_iof_thr``).
+* A **valid polygon** is what :func:`raydet.masks.valid_polygons` keeps: the evaluation ground truth holds exactly
+  the polygons the training mask targets rasterise.
 """
 from __future__ import annotations
 
@@ -22,7 +34,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from ..masks import bitmap_to_rle, to_rle
+from ..masks import bitmap_to_rle, to_rle, valid_polygons
 
 
 def _no_print(*args, **kwargs) -> None:
@@ -49,8 +61,8 @@ def quiet_pycocotools():
         for m in modules:
             m.__dict__.pop("print", None)
 
-__all__ = ["coco_from_records", "predictions_to_coco_results", "evaluate_coco", "format_coco_table",
-           "write_coco_results", "COCO_METRIC_NAMES"]
+__all__ = ["coco_from_records", "coco_gt_from_json", "predictions_to_coco_results", "evaluate_coco",
+           "format_coco_table", "write_coco_results", "results_to_coco", "run_cocoeval", "COCO_METRIC_NAMES"]
 
 # Names of COCOeval.stats[0..5].
 COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -73,11 +85,13 @@ def _quiet_coco(dataset: dict) -> COCO:
 
 
 def _json_segmentation(mask: Any, height: int, width: int) -> Any:
-    """A record's instance mask as a COCO segmentation: valid polygons kept, anything else as a str-counts RLE."""
+    """An instance mask as the COCO segmentation pycocotools gets: its :func:`~raydet.masks.valid_polygons` (the
+    polygons the training targets rasterise), or a str-counts RLE (an RLE input, or no valid polygon: empty).
+    Raises ValueError for a malformed mask."""
     if isinstance(mask, (list, tuple)):
-        polys = [np.asarray(p, dtype=np.float64).ravel() for p in mask]
-        if polys and all(p.size >= 6 and p.size % 2 == 0 for p in polys):
-            return [p.tolist() for p in polys]
+        polys = valid_polygons(mask)
+        if polys:
+            return polys
     rle = dict(to_rle(mask, height, width))
     rle["counts"] = rle["counts"].decode("ascii")
     return rle
@@ -145,6 +159,50 @@ def coco_from_records(records: list[dict], class_names: list[str], cat_ids: list
     return _quiet_coco({"images": images, "annotations": annotations, "categories": categories})
 
 
+def coco_gt_from_json(data: dict, records: list[dict], cat_ids: Sequence[int]) -> COCO:
+    """pycocotools ground truth from a COCO json (``data``) and the records a reader kept from it.
+
+    Only the records' images, their annotations (``ann_ids``; the first of duplicate ids) and the ``cat_ids``
+    categories stay. Each annotation keeps the file's id, bbox and area (the official areas behind APs / APm / APl;
+    a missing one becomes the box area), with raydet's meanings on top:
+
+    * ``iscrowd`` (and ``ignore``) is the record's ``ignore`` flag, i.e. the file's ``iscrowd`` or ``ignore``;
+      COCOeval reads only ``iscrowd`` (``_prepare`` overwrites ``ignore`` with it);
+    * a polygon ``segmentation`` becomes :func:`_json_segmentation` of it: its valid polygons, or an empty RLE.
+      A malformed one (left unchecked by a reader without masks) is left out, so that only segm evaluation fails.
+    """
+    ignore_of: dict = {}
+    for rec in records:
+        flags = np.asarray(rec.get("ignore", np.zeros(len(rec["ann_ids"]), bool)), dtype=bool).reshape(-1)
+        ignore_of.update(zip(rec["ann_ids"], flags.tolist()))
+    image_ids = {int(r["image_id"]) for r in records}
+    images, seen = [], set()
+    for im in data["images"]:
+        if isinstance(im, dict) and im.get("id") in image_ids and im["id"] not in seen:
+            seen.add(im["id"])
+            images.append(im)
+    size = {im["id"]: (int(im["height"]), int(im["width"])) for im in images}
+    annotations: dict = {}
+    for a in data.get("annotations", []):
+        if not isinstance(a, dict) or a.get("id") not in ignore_of or a["id"] in annotations:
+            continue
+        ann = dict(a)
+        crowd = int(ignore_of[a["id"]])
+        ann["iscrowd"] = ann["ignore"] = crowd
+        if not isinstance(ann.get("area"), (int, float)) or isinstance(ann["area"], bool):
+            ann["area"] = float(ann["bbox"][2]) * float(ann["bbox"][3])
+        if isinstance(ann.get("segmentation"), (list, tuple)):
+            try:
+                ann["segmentation"] = _json_segmentation(ann["segmentation"], *size[ann["image_id"]])
+            except ValueError:
+                del ann["segmentation"]
+        annotations[a["id"]] = ann
+    cats = {int(c) for c in cat_ids}
+    categories = [c for c in data["categories"] if c["id"] in cats]
+    return _quiet_coco({**data, "images": images, "annotations": list(annotations.values()),
+                        "categories": categories})
+
+
 def predictions_to_coco_results(predictions: list[dict], image_ids: list[int], cat_ids: list[int]) -> list[dict]:
     """raydet predictions -> COCO result entries.
 
@@ -188,7 +246,7 @@ def write_coco_results(results: list[dict], path: str | os.PathLike) -> str:
     return path
 
 
-def _load_results(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
+def results_to_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
     """COCO object for the detections. Entries are copied (loadRes edits them); an empty list gives an empty one."""
     if not results:
         return _quiet_coco({"images": list(coco_gt.dataset["images"]), "annotations": [],
@@ -204,11 +262,18 @@ def _load_results(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
         return coco_gt.loadRes(dets)
 
 
-def _run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, max_dets: list[int] | None,
-                  use_cats: bool = True) -> COCOeval:
-    if iou_type == "segm" and any("segmentation" not in a for a in coco_gt.dataset["annotations"]):
-        raise ValueError("evaluate_coco: iou_type 'segm' needs a 'segmentation' in every ground-truth annotation "
-                         "(records without 'masks')")
+def run_cocoeval(coco_gt: COCO, coco_dt: COCO, iou_type: str, max_dets: list[int] | None,
+                 use_cats: bool = True) -> COCOeval:
+    """pycocotools' COCOeval of ``coco_dt`` against ``coco_gt`` (``bbox`` or ``segm``), evaluated and accumulated.
+
+    Raises:
+        ValueError: ``segm`` with ground-truth annotations that have no valid segmentation (their ids named).
+    """
+    missing = [a["id"] for a in coco_gt.dataset["annotations"] if "segmentation" not in a] if iou_type == "segm" else []
+    if missing:
+        raise ValueError(f"evaluate_coco: iou_type 'segm' needs a valid 'segmentation' in every ground-truth "
+                         f"annotation; {len(missing)} have none (records without 'masks', or malformed), e.g. "
+                         f"annotation ids {missing[:5]}")
     ev = COCOeval(coco_gt, coco_dt, "segm" if iou_type == "segm" else "bbox")
     if max_dets is not None:
         ev.params.maxDets = list(max_dets)
@@ -258,14 +323,14 @@ def evaluate_coco(coco_gt: COCO, results: list[dict] | str | os.PathLike, iou_ty
     for t in iou_types:
         if t == "proposal":
             nums = proposal_nums or [100, 300, 1000]
-            ev = _run_cocoeval(coco_gt, _load_results(coco_gt, results, "bbox"), "bbox", nums, use_cats=False)
+            ev = run_cocoeval(coco_gt, results_to_coco(coco_gt, results, "bbox"), "bbox", nums, use_cats=False)
             for n in nums:
                 metrics[f"proposal/AR@{n}"] = average_recall(ev, n)
             continue
         if proposal_nums is not None and len(proposal_nums) != 3:
             raise ValueError(f"evaluate_coco: proposal_nums for '{t}' must have 3 values (COCOeval's maxDets), "
                              f"got {proposal_nums}")
-        ev = _run_cocoeval(coco_gt, _load_results(coco_gt, results, t), t, proposal_nums)
+        ev = run_cocoeval(coco_gt, results_to_coco(coco_gt, results, t), t, proposal_nums)
         for name, value in zip(COCO_METRIC_NAMES, ev.stats[:6]):
             metrics[f"{t}/{name}"] = float(value)
         if classwise:

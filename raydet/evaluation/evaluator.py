@@ -6,11 +6,10 @@ import os
 import numpy as np
 
 from raydet.evaluation.coco import evaluate_coco, predictions_to_coco_results, write_coco_results
-from raydet.evaluation.voc import voc_map
+from raydet.evaluation.metric_names import EVALUATION_METRICS as METRICS
+from raydet.evaluation.voc import VOC_MODES, voc_map
 
 __all__ = ["DatasetEvaluator", "METRICS", "default_results_file"]
-
-METRICS = ("bbox", "segm", "proposal", "voc_map")
 
 
 class DatasetEvaluator:
@@ -18,9 +17,13 @@ class DatasetEvaluator:
 
     Args:
         dataset: a raydet dataset (``records``, ``classes``, ``cat_ids``, ``coco_gt()``).
-        metrics: any of "bbox", "segm" (COCO AP), "proposal" (AR@N), "voc_map" (VOC mAP@0.5, area mode).
+        metrics: any of "bbox", "segm" (COCO AP), "proposal" (AR@N), "voc_map" (VOC mAP@0.5).
         proposal_nums: N of AR@N for "proposal".
         results_file: where to write the COCO result json (bbox / segm entries), if anywhere.
+        voc_mode: the AP of "voc_map": "area" (VOC2010 and later) or "11points" (VOC2007).
+
+    Every metric scores against the same ground truth, with the records' meaning of an ignored box and of a valid
+    polygon (see :mod:`raydet.evaluation.coco`).
     """
 
     def __init__(self, dataset, metrics=("bbox",), proposal_nums=(100, 300, 1000), results_file: str | None = None,
@@ -28,11 +31,20 @@ class DatasetEvaluator:
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"evaluation.metric: unknown metric(s) {unknown}; choose from {list(METRICS)}")
+        if voc_mode not in VOC_MODES:
+            raise ValueError(f"evaluation.voc_mode: expected one of {', '.join(VOC_MODES)}, got {voc_mode!r}")
         self.dataset = dataset
         self.metrics = list(metrics)
         self.proposal_nums = tuple(proposal_nums)
         self.results_file = results_file
         self.voc_mode = voc_mode
+
+    @classmethod
+    def from_settings(cls, dataset, evaluation, results_file: str | None = None) -> "DatasetEvaluator":
+        """The evaluator of a pipeline's ``evaluation:`` section (:class:`raydet.commands.sections.EvaluationSettings`:
+        ``metric``, ``proposal_nums``, ``voc_mode``)."""
+        return cls(dataset, evaluation.metric, evaluation.proposal_nums, results_file=results_file,
+                   voc_mode=evaluation.voc_mode)
 
     def convert(self, img_metas: list[dict], predictions: list[dict]) -> list[dict]:
         """Per image: COCO result entries (masks as RLE) and the raw boxes / scores / labels as NumPy."""

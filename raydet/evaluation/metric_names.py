@@ -6,7 +6,11 @@ import re
 
 from raydet.registry import closest
 
-__all__ = ["COCO_METRIC", "PROPOSAL_METRIC", "TRAIN_METRIC", "METRIC_FORMS", "metric_problem"]
+__all__ = ["EVALUATION_METRICS", "COCO_METRIC", "PROPOSAL_METRIC", "TRAIN_METRIC", "METRIC_FORMS", "metric_problem",
+           "evaluation_metric_problem"]
+
+# The entries of a pipeline's ``evaluation.metric``: COCO box / mask AP, proposal AR@N, VOC mAP@0.5.
+EVALUATION_METRICS = ("bbox", "segm", "proposal", "voc_map")
 
 # The metrics raydet's evaluation reports, and the evaluation.metric entry that produces each.
 COCO_METRIC = re.compile(r"(bbox|segm)/(AP|AP50|AP75|APs|APm|APl)")
@@ -41,3 +45,11 @@ def metric_problem(metric: str, sections) -> str | None:
         return (f"'{metric}': {p.group(1)} is not in the pipeline's evaluation.proposal_nums "
                 f"{ev.proposal_nums}")
     return None
+
+
+def evaluation_metric_problem(name) -> str | None:
+    """Why ``name`` is not an ``evaluation.metric`` entry (with the closest one), or None."""
+    if name in EVALUATION_METRICS:
+        return None
+    return (f"unknown metric {name!r}{closest(str(name), EVALUATION_METRICS)} "
+            f"(one of {', '.join(EVALUATION_METRICS)})")

@@ -3,7 +3,8 @@
 Per class, detections of all images are ranked by score. Each is paired with the ground truth of its class in its
 image that it overlaps most (difficult ones included, as the VOC devkit and MMDetection's ``eval_map`` do):
 
-* IoU >= ``iou_thr`` with a difficult ground truth (record ``ignore``): neither true nor false positive;
+* IoU >= ``iou_thr`` with a difficult ground truth (record ``ignore``: VOC ``difficult``, COCO ``iscrowd`` or
+  ``ignore``; the boxes training and COCOeval ignore too): neither true nor false positive;
 * IoU >= ``iou_thr`` with a ground truth no higher-ranked detection took: true positive (it takes it);
 * otherwise (low IoU, or the ground truth already taken): false positive.
 
@@ -18,9 +19,9 @@ import numpy as np
 from .coco import _numpy
 from .recall import box_iou
 
-__all__ = ["voc_map", "average_precision", "format_voc_table"]
+__all__ = ["voc_map", "average_precision", "format_voc_table", "VOC_MODES"]
 
-_MODES = ("area", "11points")
+VOC_MODES = ("area", "11points")  # MMDetection's eval_map eval_mode; settings key evaluation.voc_mode
 
 
 def average_precision(recall: np.ndarray, precision: np.ndarray, mode: str = "area") -> float:
@@ -37,7 +38,7 @@ def average_precision(recall: np.ndarray, precision: np.ndarray, mode: str = "ar
         levels = np.linspace(0.0, 1.0, 11)
         reached = recall[None, :] >= levels[:, None]  # (11, d)
         return float(np.where(reached, precision[None, :], 0.0).max(axis=1, initial=0.0).mean())
-    raise ValueError(f"average_precision: mode must be one of {_MODES}, got {mode!r}")
+    raise ValueError(f"average_precision: mode must be one of {VOC_MODES}, got {mode!r}")
 
 
 def _cat(arrays: list[np.ndarray], dtype) -> np.ndarray:
@@ -60,8 +61,8 @@ def voc_map(predictions: list[dict], records: list[dict], num_classes: int, iou_
     Returns:
         ``{"voc/mAP": .., "voc/AP_<name>": ..}`` on a 0-1 scale; a class without ground truth has AP NaN.
     """
-    if mode not in _MODES:
-        raise ValueError(f"voc_map: mode must be one of {_MODES}, got {mode!r}")
+    if mode not in VOC_MODES:
+        raise ValueError(f"voc_map: mode must be one of {VOC_MODES}, got {mode!r}")
     if len(predictions) != len(records):
         raise ValueError(f"voc_map: {len(predictions)} predictions for {len(records)} records")
     names = [str(i) for i in range(num_classes)] if class_names is None else [str(n) for n in class_names]

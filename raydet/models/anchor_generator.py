@@ -29,11 +29,22 @@ class AnchorGenerator:
         octave_base_scale, scales_per_octave: scales ``octave_base_scale * 2 ** (i / scales_per_octave)``
             for i in [0, scales_per_octave) (RetinaNet).
         center_offset: anchor centre of location (0, 0) in units of the stride, in [0, 1).
+        sizes: per level, the anchor sizes in pixels (the side of the ratio-1 anchor), e.g. torchvision
+            RetinaNet's ``[[32, 40, 50], [64, 80, 101], ...]``; replaces ``scales`` x ``base_sizes`` where sizes are
+            not proportional across levels. Every level needs the same number of sizes.
+        round_base_anchors: round the base anchors' corners to whole pixels (torchvision's
+            ``AnchorGenerator.generate_anchors``: ``base_anchors.round()``, computed in float32).
+        strides_from_input: take each level's stride along y and x as ``input_h // h`` and ``input_w // w`` of the
+            padded batch (torchvision's ``AnchorGenerator.forward``) instead of ``strides``; they differ on levels
+            whose size was rounded up (e.g. P6 of a 160-pixel-high input: 3 rows, stride 160 // 3 = 53, not 64).
+            ``grid_anchors`` then needs ``input_shape``. ``strides`` still serve the training valid flags.
     """
 
     def __init__(self, strides: list[int], ratios: list[float], scales: list[float] | None = None,
                  base_sizes: list[int] | None = None, octave_base_scale: float | None = None,
-                 scales_per_octave: int | None = None, center_offset: float = 0.0):
+                 scales_per_octave: int | None = None, center_offset: float = 0.0,
+                 sizes: list[list[float]] | None = None, round_base_anchors: bool = False,
+                 strides_from_input: bool = False):
         if len(strides) == 0:
             raise ValueError("strides must name at least one level")
         if any(s <= 0 for s in strides):
@@ -41,6 +52,16 @@ class AnchorGenerator:
         if len(ratios) == 0 or any(r <= 0 for r in ratios):
             raise ValueError(f"ratios must be a non-empty list of positive numbers, got {list(ratios)}")
         octave = octave_base_scale is not None or scales_per_octave is not None
+        if sizes is not None:
+            if scales is not None or octave or base_sizes is not None:
+                raise ValueError("give either sizes (per level, in pixels) or scales / octave scales with base_sizes")
+            if len(sizes) != len(strides) or any(len(s) != len(sizes[0]) or len(s) == 0 for s in sizes):
+                raise ValueError(f"sizes needs one non-empty list per level ({len(strides)} levels), all of the same "
+                                 f"length, got {sizes}")
+            if any(v <= 0 for s in sizes for v in s):
+                raise ValueError(f"sizes must be positive, got {sizes}")
+            base_sizes = [1.0] * len(strides)
+            scales = [1.0] * len(sizes[0])  # the count of anchors per ratio; the per-level sizes set the sizes
         if scales is not None and octave:
             raise ValueError("give either scales or (octave_base_scale, scales_per_octave), not both")
         if scales is None:
@@ -63,8 +84,12 @@ class AnchorGenerator:
         self.scales = [float(s) for s in scales]
         self.base_sizes = [float(b) for b in base_sizes]
         self.center_offset = float(center_offset)
+        self.sizes = None if sizes is None else [[float(v) for v in s] for s in sizes]
+        self.round_base_anchors = bool(round_base_anchors)
+        self.strides_from_input = bool(strides_from_input)
         # (A, 4) float32 CPU tensor per level.
-        self.base_anchors = [self._base_anchors(b, s) for b, s in zip(self.base_sizes, self.strides)]
+        self.base_anchors = [self._base_anchors(b, s, None if self.sizes is None else self.sizes[i])
+                             for i, (b, s) in enumerate(zip(self.base_sizes, self.strides))]
 
     @property
     def num_levels(self) -> int:
@@ -75,9 +100,21 @@ class AnchorGenerator:
         """Anchors per location (the same on every level)."""
         return len(self.ratios) * len(self.scales)
 
-    def _base_anchors(self, base_size: float, stride: int) -> Tensor:
+    def _base_anchors(self, base_size: float, stride: int, sizes: list[float] | None = None) -> Tensor:
+        """(A, 4) anchors of location (0, 0); ``sizes`` (per-level sizes in pixels) replace ``self.scales``."""
+        scale_list = self.scales if sizes is None else sizes
+        if self.round_base_anchors:
+            # torchvision's generate_anchors, in float32 as there, so that the same numbers round to the same pixels
+            ratios = torch.tensor(self.ratios, dtype=torch.float32)
+            h_ratios = torch.sqrt(ratios)
+            w_ratios = 1 / h_ratios
+            size = torch.tensor([base_size * s for s in scale_list], dtype=torch.float32)
+            ws = (w_ratios[:, None] * size[None, :]).reshape(-1)  # ratio-major
+            hs = (h_ratios[:, None] * size[None, :]).reshape(-1)
+            half = (torch.stack([-ws, -hs, ws, hs], dim=-1) / 2).round()
+            return half + self.center_offset * stride
         ratios = torch.tensor(self.ratios, dtype=torch.float64)
-        scales = torch.tensor(self.scales, dtype=torch.float64)
+        scales = torch.tensor(scale_list, dtype=torch.float64)
         h_ratios = ratios.sqrt()
         w_ratios = 1.0 / h_ratios
         ws = (base_size * w_ratios[:, None] * scales[None, :]).reshape(-1)  # ratio-major
@@ -90,14 +127,28 @@ class AnchorGenerator:
         if len(featmap_sizes) != self.num_levels:
             raise ValueError(f"got {len(featmap_sizes)} feature map sizes for {self.num_levels} anchor levels")
 
+    def level_strides(self, featmap_sizes: list[tuple[int, int]],
+                      input_shape: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+        """(stride_y, stride_x) of each level: ``strides``, or with ``strides_from_input`` the padded input size
+        ``input_shape`` (H, W) floor-divided by each level's size."""
+        if not self.strides_from_input:
+            return [(s, s) for s in self.strides]
+        if input_shape is None:
+            raise ValueError("strides_from_input needs the padded input_shape (H, W) of the batch")
+        return [(int(input_shape[0]) // int(h), int(input_shape[1]) // int(w)) for h, w in featmap_sizes]
+
     def grid_anchors(self, featmap_sizes: list[tuple[int, int]], device: torch.device | str = "cpu",
-                     dtype: torch.dtype = torch.float32) -> list[Tensor]:
-        """Anchors of every level: a list of (h * w * A, 4) tensors for featmap_sizes [(h, w), ...]."""
+                     dtype: torch.dtype = torch.float32, input_shape: tuple[int, int] | None = None) -> list[Tensor]:
+        """Anchors of every level: a list of (h * w * A, 4) tensors for featmap_sizes [(h, w), ...].
+
+        ``input_shape``: (H, W) of the padded batch; needed only with ``strides_from_input``.
+        """
         self._check_sizes(featmap_sizes)
         out = []
-        for base, stride, (h, w) in zip(self.base_anchors, self.strides, featmap_sizes):
-            shift_x = torch.arange(int(w), device=device, dtype=dtype) * stride
-            shift_y = torch.arange(int(h), device=device, dtype=dtype) * stride
+        for base, (stride_y, stride_x), (h, w) in zip(self.base_anchors, self.level_strides(featmap_sizes, input_shape),
+                                                      featmap_sizes):
+            shift_x = torch.arange(int(w), device=device, dtype=dtype) * stride_x
+            shift_y = torch.arange(int(h), device=device, dtype=dtype) * stride_y
             yy, xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
             xx, yy = xx.reshape(-1), yy.reshape(-1)
             shifts = torch.stack([xx, yy, xx, yy], dim=-1)  # (h*w, 4), row-major over y then x
@@ -125,8 +176,11 @@ class AnchorGenerator:
         return out
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(strides={self.strides}, ratios={self.ratios}, scales={self.scales}, "
-                f"base_sizes={self.base_sizes}, center_offset={self.center_offset})")
+        sizes = (f"sizes={self.sizes}" if self.sizes is not None
+                 else f"scales={self.scales}, base_sizes={self.base_sizes}")
+        return (f"{type(self).__name__}(strides={self.strides}, ratios={self.ratios}, {sizes}, "
+                f"center_offset={self.center_offset}, round_base_anchors={self.round_base_anchors}, "
+                f"strides_from_input={self.strides_from_input})")
 
 
 def anchor_inside_flags(anchors: Tensor, valid: Tensor, img_shape: tuple[int, int],

@@ -79,11 +79,17 @@ class MaxIoUAssigner:
         ignore_wrt_candidates: IoF as overlap area / candidate box area (else / ignore box area).
         match_low_quality: enable step 4.
         gpu_assign_thr: when > 0 and there are more gts than this, compute on the CPU to save accelerator memory.
+        low_quality_assign: which gt a low-quality match (step 4) assigns the box to: ``"claiming_gt"``, the gt
+            whose best box it is (MMDetection); ``"best_gt"``, the box's own highest-IoU gt (first on ties), as
+            torchvision's and Detectron2's ``Matcher(allow_low_quality_matches=True)`` (which has no
+            ``min_pos_iou``: set it to 0 to match).
     """
 
     def __init__(self, pos_iou_thr: float, neg_iou_thr: float | tuple[float, float], min_pos_iou: float = 0.0,
                  gt_max_assign_all: bool = True, ignore_iof_thr: float = -1, ignore_wrt_candidates: bool = True,
-                 match_low_quality: bool = True, gpu_assign_thr: int = -1):
+                 match_low_quality: bool = True, gpu_assign_thr: int = -1, low_quality_assign: str = "claiming_gt"):
+        if low_quality_assign not in ("claiming_gt", "best_gt"):
+            raise ValueError(f"low_quality_assign must be 'claiming_gt' or 'best_gt', got {low_quality_assign!r}")
         if isinstance(neg_iou_thr, (list, tuple)):
             if len(neg_iou_thr) != 2 or neg_iou_thr[0] > neg_iou_thr[1]:
                 raise ValueError(f"neg_iou_thr as a band must be (lo, hi) with lo <= hi, got {neg_iou_thr}")
@@ -98,6 +104,7 @@ class MaxIoUAssigner:
         self.ignore_wrt_candidates = ignore_wrt_candidates
         self.match_low_quality = match_low_quality
         self.gpu_assign_thr = int(gpu_assign_thr)
+        self.low_quality_assign = low_quality_assign
 
     def assign(self, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor | None = None,
                gt_boxes_ignore: Tensor | None = None) -> AssignResult:
@@ -156,10 +163,13 @@ class MaxIoUAssigner:
                 claims = torch.zeros_like(overlaps, dtype=torch.bool)
                 claims[torch.arange(num_gts, device=device), gt_argmax] = True
             claims &= eligible[:, None]  # (K, N)
-            # The last gt claiming a box wins, as in the reference's loop over gts: argmax returns the first
-            # maximum, so search the gts in reverse order.
-            last = num_gts - 1 - claims.flip(0).to(torch.uint8).argmax(dim=0)  # (N,)
-            gt_inds = torch.where(claims.any(dim=0), last + 1, gt_inds)
+            if self.low_quality_assign == "best_gt":  # the box keeps its own best gt (torchvision's Matcher)
+                gt_inds = torch.where(claims.any(dim=0), argmax + 1, gt_inds)
+            else:
+                # The last gt claiming a box wins, as in the reference's loop over gts: argmax returns the first
+                # maximum, so search the gts in reverse order.
+                last = num_gts - 1 - claims.flip(0).to(torch.uint8).argmax(dim=0)  # (N,)
+                gt_inds = torch.where(claims.any(dim=0), last + 1, gt_inds)
 
         positive = gt_inds > 0
         if gt_labels is None:

@@ -28,11 +28,17 @@ class DeltaXYWHBBoxCoder:
         clip_border: clip decoded boxes to ``max_shape`` when it is given.
         add_ctr_clamp: clamp the centre shift (in pixels) to +-ctr_clamp and only cap dw/dh from above.
         ctr_clamp: the centre shift bound in pixels.
+        clamp_dwh: ``"both"`` clamps dw, dh to +-|log(wh_ratio_clip)|; ``"max"`` only caps them from above
+            (torchvision's ``BoxCoder`` with ``bbox_xform_clip = log(1000 / 16)``, Detectron2's ``scale_clamp``).
+
+    torchvision's ``BoxCoder(weights=(wx, wy, ww, wh))`` divides the deltas by its weights: it equals
+    ``target_stds = (1 / wx, 1 / wy, 1 / ww, 1 / wh)``, e.g. (10, 10, 5, 5) -> (0.1, 0.1, 0.2, 0.2).
     """
 
     def __init__(self, target_means: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0),
                  target_stds: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
-                 clip_border: bool = True, add_ctr_clamp: bool = False, ctr_clamp: float = 32.0):
+                 clip_border: bool = True, add_ctr_clamp: bool = False, ctr_clamp: float = 32.0,
+                 clamp_dwh: str = "both"):
         if len(target_means) != 4 or len(target_stds) != 4:
             raise ValueError(f"target_means and target_stds need 4 values, got {target_means} and {target_stds}")
         if any(s <= 0 for s in target_stds):
@@ -42,6 +48,9 @@ class DeltaXYWHBBoxCoder:
         self.clip_border = clip_border
         self.add_ctr_clamp = add_ctr_clamp
         self.ctr_clamp = float(ctr_clamp)
+        if clamp_dwh not in ("both", "max"):
+            raise ValueError(f"clamp_dwh must be 'both' or 'max', got {clamp_dwh!r}")
+        self.clamp_dwh = clamp_dwh
 
     def encode(self, boxes: Tensor, gt_boxes: Tensor) -> Tensor:
         """Deltas (..., 4) that map ``boxes`` (..., 4) onto ``gt_boxes`` (..., 4)."""
@@ -90,6 +99,8 @@ class DeltaXYWHBBoxCoder:
         if self.add_ctr_clamp:
             shift = shift.clamp(min=-self.ctr_clamp, max=self.ctr_clamp)
             dwh = dwh.clamp(max=max_ratio)
+        elif self.clamp_dwh == "max":
+            dwh = dwh.clamp(max=max_ratio)
         else:
             dwh = dwh.clamp(min=-max_ratio, max=max_ratio)
         gxy = pxy + shift
@@ -101,7 +112,8 @@ class DeltaXYWHBBoxCoder:
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(target_means={self.means}, target_stds={self.stds}, "
-                f"clip_border={self.clip_border}, add_ctr_clamp={self.add_ctr_clamp}, ctr_clamp={self.ctr_clamp})")
+                f"clip_border={self.clip_border}, add_ctr_clamp={self.add_ctr_clamp}, ctr_clamp={self.ctr_clamp}, "
+                f"clamp_dwh={self.clamp_dwh!r})")
 
 
 def _clip(boxes: Tensor, max_shape) -> Tensor:

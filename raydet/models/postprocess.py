@@ -1,10 +1,36 @@
-"""Map test-time outputs from the network's input frame back to the original image."""
+"""Test-time post-processing: class-wise NMS as a head's ``test`` settings ask, and mapping outputs from the
+network's input frame back to the original image."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["boxes_to_original", "paste_masks"]
+from raydet.ops import batched_nms, batched_soft_nms
+
+__all__ = ["detection_nms", "boxes_to_original", "paste_masks"]
+
+
+def detection_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, cfg) -> tuple[torch.Tensor,
+                                                                                                 torch.Tensor]:
+    """Class-wise NMS of one image's candidates by a :class:`~raydet.models.head_configs.DetectionConfig`.
+
+    Args:
+        boxes: (n, 4). scores: (n,). labels: int64 (n,).
+        cfg: ``nms`` (hard NMS or Soft-NMS and its settings), ``nms_iou``, ``max_per_img``.
+
+    Returns:
+        keep: int64 (k,) indices into the candidates and their scores (k,) (decayed by Soft-NMS), by decreasing
+        score, at most ``max_per_img`` (<= 0: all).
+    """
+    soft = cfg.soft_nms_args()
+    if soft is None:
+        keep = batched_nms(boxes, scores, labels, cfg.nms_iou)
+        new_scores = scores[keep]
+    else:
+        keep, new_scores = batched_soft_nms(boxes, scores, labels, cfg.nms_iou, **soft)
+    if cfg.max_per_img > 0:
+        keep, new_scores = keep[: cfg.max_per_img], new_scores[: cfg.max_per_img]
+    return keep, new_scores
 
 
 def boxes_to_original(boxes: torch.Tensor, meta: dict) -> torch.Tensor:

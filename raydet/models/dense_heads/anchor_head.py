@@ -38,11 +38,17 @@ class AnchorHead(nn.Module, ABC):
         allowed_border: anchors crossing the image border by more than this many pixels are ignored in training;
             -1 keeps all anchors (the paper's ``allowed_border`` study, Table 9).
         pos_weight: classification weight of positives (-1 means 1).
+        padding_anchors: whether anchors at locations in the batch padding beyond an image's own padded size
+            (``pad_shape``) take part in training: False ignores them (MMDetection's valid flags); True assigns
+            them like every other anchor (torchvision, Detectron2).
+        loss_avg: ``"batch"``: each loss is its sum over the batch divided by the batch's positives (or sampled
+            anchors when sampling; MMDetection); ``"image"``: each image's sum divided by its own positives
+            (at least 1), then the mean over images (torchvision's RetinaNet).
     """
 
     def __init__(self, num_classes: int, anchor_generator: AnchorGenerator, bbox_coder: DeltaXYWHBBoxCoder,
                  loss_cls: nn.Module, loss_bbox: nn.Module, assigner, sampler=None, allowed_border: float = -1,
-                 pos_weight: float = -1):
+                 pos_weight: float = -1, padding_anchors: bool = False, loss_avg: str = "batch"):
         super().__init__()
         if not getattr(loss_cls, "use_sigmoid", True):
             raise ValueError("dense heads classify with sigmoid outputs: set loss_cls.use_sigmoid: true")
@@ -59,8 +65,14 @@ class AnchorHead(nn.Module, ABC):
             # get_targets maps sampled indices back to anchors; gts prepended as candidates have no anchor.
             raise ValueError("dense heads sample anchors only: set sampler.add_gt_as_proposals to false")
         self.sampling = not isinstance(self.sampler, PseudoSampler)
+        if loss_avg not in ("batch", "image"):
+            raise ValueError(f"loss_avg must be 'batch' or 'image', got {loss_avg!r}")
+        if loss_avg == "image" and self.sampling:
+            raise ValueError("loss_avg 'image' (torchvision's RetinaNet) needs no sampling (a PseudoSampler)")
         self.allowed_border = allowed_border
         self.pos_weight = pos_weight
+        self.padding_anchors = padding_anchors
+        self.loss_avg = loss_avg
         self.reg_decoded_bbox = bool(getattr(loss_bbox, "takes_decoded_boxes", False))
 
     # ------------------------------------------------------------------------------------------------ forward
@@ -73,9 +85,15 @@ class AnchorHead(nn.Module, ABC):
         outs = [self.forward_single(x) for x in feats]
         return [o[0] for o in outs], [o[1] for o in outs]
 
-    def anchors(self, cls_scores: list[torch.Tensor]) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+    def anchors(self, cls_scores: list[torch.Tensor], img_metas: list[dict] | None = None
+                ) -> tuple[list[tuple[int, int]], list[torch.Tensor]]:
+        """Feature map sizes and the anchors of each level (N_l, 4). ``img_metas`` give the padded batch size
+        (``batch_input_shape``) to an anchor generator with ``strides_from_input``."""
         sizes = [tuple(int(s) for s in c.shape[-2:]) for c in cls_scores]
-        return sizes, self.anchor_generator.grid_anchors(sizes, device=cls_scores[0].device)
+        input_shape = None
+        if img_metas and "batch_input_shape" in img_metas[0]:
+            input_shape = tuple(img_metas[0]["batch_input_shape"])
+        return sizes, self.anchor_generator.grid_anchors(sizes, device=cls_scores[0].device, input_shape=input_shape)
 
     # ------------------------------------------------------------------------------------------------ training
     def get_targets(self, anchors: torch.Tensor, featmap_sizes, batch: dict, gt_labels: list[torch.Tensor]):
@@ -95,7 +113,10 @@ class AnchorHead(nn.Module, ABC):
         num_pos = num_neg = 0
         ignores = batch.get("gt_boxes_ignore") or [None] * len(gt_labels)
         for i, meta in enumerate(batch["img_metas"]):
-            valid = torch.cat(self.anchor_generator.valid_flags(featmap_sizes, meta["pad_shape"], device=device))
+            if self.padding_anchors:
+                valid = torch.ones(n, dtype=torch.bool, device=device)
+            else:
+                valid = torch.cat(self.anchor_generator.valid_flags(featmap_sizes, meta["pad_shape"], device=device))
             inside = anchor_inside_flags(anchors, valid, meta["img_shape"], self.allowed_border)
             cand = anchors[inside]
             gt_boxes = batch["gt_boxes"][i].to(device)
@@ -136,11 +157,19 @@ class AnchorHead(nn.Module, ABC):
         reuses an already computed ``forward(feats)``.
         """
         cls_scores, bbox_preds = outputs if outputs is not None else self(feats)
-        sizes, anchors_per_level = self.anchors(cls_scores)
+        sizes, anchors_per_level = self.anchors(cls_scores, batch["img_metas"])
         anchors = torch.cat(anchors_per_level)
         gt_labels = gt_labels if gt_labels is not None else batch["gt_labels"]
         labels, label_w, targets, box_w, num_pos, num_neg = self.get_targets(anchors, sizes, batch, gt_labels)
         avg_factor = max(num_pos + num_neg if self.sampling else num_pos, 1)
+        if self.loss_avg == "image":
+            # each image's terms weighted by 1 / (B * its positives): the sum is the mean over images of the
+            # per-image normalised losses (torchvision's RetinaNet)
+            pos_per_image = (box_w[..., 0] > 0).sum(dim=1).clamp(min=1).to(label_w.dtype)
+            scale = 1.0 / (pos_per_image * labels.shape[0])
+            label_w = label_w * scale[:, None]
+            box_w = box_w * scale[:, None, None]
+            avg_factor = 1.0
 
         cls = flatten_levels(cls_scores, self.cls_out_channels).reshape(-1, self.cls_out_channels)
         deltas = flatten_levels(bbox_preds, 4).reshape(-1, 4)

@@ -7,6 +7,7 @@ from torch import nn
 
 from raydet.models.dense_heads.anchor_head import AnchorHead
 from raydet.models.head_configs import ProposalConfig
+from raydet.models.layers import conv_tower
 from raydet.ops import batched_nms
 from raydet.registry import register
 
@@ -15,26 +16,36 @@ __all__ = ["RPNHead"]
 
 @register
 class RPNHead(AnchorHead):
-    """A shared 3x3 conv, then 1x1 convs for A objectness logits and A x 4 deltas per location.
+    """A shared 3x3 conv (``num_convs`` of them, each with a ReLU), then 1x1 convs for A objectness logits and
+    A x 4 deltas per location.
 
     ``train_proposals`` / ``test_proposals`` set how proposals are selected for the RoI head in training and at test.
     The paper's Table 9 knobs are ``loss_bbox.beta`` (smoothl1_beta), ``allowed_border`` and ``sampler.neg_pos_ub``.
+    ``padding_anchors``: see :class:`~raydet.models.dense_heads.anchor_head.AnchorHead`. With ``num_convs`` > 1
+    (torchvision's v2 RPN, ``conv_depth=2``) ``rpn_conv`` is a Sequential of (conv, ReLU) pairs.
     """
 
     def __init__(self, in_channels: int, anchor_generator, bbox_coder, loss_cls, loss_bbox, assigner, sampler=None,
                  feat_channels: int = 256, allowed_border: float = -1, pos_weight: float = -1,
                  train_proposals: ProposalConfig = ProposalConfig(nms_pre=2000, max_per_img=1000),
-                 test_proposals: ProposalConfig = ProposalConfig(nms_pre=1000, max_per_img=1000)):
+                 test_proposals: ProposalConfig = ProposalConfig(nms_pre=1000, max_per_img=1000),
+                 padding_anchors: bool = False, num_convs: int = 1):
         super().__init__(1, anchor_generator, bbox_coder, loss_cls, loss_bbox, assigner, sampler,
-                         allowed_border, pos_weight)
-        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+                         allowed_border, pos_weight, padding_anchors=padding_anchors)
+        if num_convs < 1:
+            raise ValueError(f"num_convs must be >= 1, got {num_convs}")
+        if num_convs == 1:
+            self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+        else:
+            self.rpn_conv = conv_tower(in_channels, feat_channels, num_convs, None)
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
         self.train_proposals = train_proposals
         self.test_proposals = test_proposals
-        for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
-            nn.init.normal_(conv.weight, std=0.01)
-            nn.init.zeros_(conv.bias)
+        for conv in self.modules():
+            if isinstance(conv, nn.Conv2d):
+                nn.init.normal_(conv.weight, std=0.01)
+                nn.init.zeros_(conv.bias)
 
     def forward_single(self, x):
         x = F.relu(self.rpn_conv(x))
@@ -62,19 +73,22 @@ class RPNHead(AnchorHead):
     @torch.no_grad()
     def proposals(self, cls_scores, bbox_preds, img_metas, cfg: ProposalConfig) -> list[torch.Tensor]:
         """Top ``nms_pre`` anchors per level, decoded and clipped, then NMS across levels (levels never suppress
-        each other) and the best ``max_per_img``. Returns per image (k, 5) [x1, y1, x2, y2, objectness]."""
-        _, anchors_per_level = self.anchors(cls_scores)
+        each other) and the best ``max_per_img``. Returns per image (k, 5) [x1, y1, x2, y2, objectness].
+
+        Anchors are ranked by their logits, which keep the order that the float32 sigmoid loses above ~17 (where
+        it rounds to 1): NMS then sees tied scores in the logits' order, as in torchvision and Detectron2."""
+        _, anchors_per_level = self.anchors(cls_scores, img_metas)
         device = cls_scores[0].device
         shapes = torch.tensor([m["img_shape"][:2] for m in img_metas], device=device, dtype=torch.float32)
         boxes_l, scores_l, level_l = [], [], []
         for level, (cls, reg, anchors) in enumerate(zip(cls_scores, bbox_preds, anchors_per_level)):
             b = cls.shape[0]
-            scores = cls.permute(0, 2, 3, 1).reshape(b, -1).sigmoid()  # (B, N_l)
+            logits = cls.permute(0, 2, 3, 1).reshape(b, -1)  # (B, N_l)
             deltas = reg.permute(0, 2, 3, 1).reshape(b, -1, 4)
-            if 0 < cfg.nms_pre < scores.shape[1]:
-                scores, idx = scores.topk(cfg.nms_pre, dim=1)
-            else:
-                idx = torch.arange(scores.shape[1], device=device).expand(b, -1)
+            # sorted even when all are kept, so that ties after the sigmoid reach NMS in the logits' order
+            k = min(cfg.nms_pre, logits.shape[1]) if cfg.nms_pre > 0 else logits.shape[1]
+            logits, idx = logits.topk(k, dim=1)
+            scores = logits.sigmoid()
             deltas = torch.gather(deltas, 1, idx[..., None].expand(-1, -1, 4))
             boxes = self.bbox_coder.decode(anchors[idx], deltas)  # (B, k, 4)
             boxes = torch.stack([boxes[..., 0].clamp(min=0).minimum(shapes[:, 1:2]),

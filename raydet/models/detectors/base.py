@@ -6,7 +6,29 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-__all__ = ["BaseDetector"]
+from raydet.registry import current_path, error
+
+__all__ = ["BaseDetector", "require_component"]
+
+
+def require_component(owner: str, name: str, value, methods: tuple[str, ...], example: str) -> None:
+    """Refuse, when the detector is built, a missing (``null``) component or one without the methods the detector
+    calls, instead of failing at the first loss.
+
+    Raises:
+        ConfigError (a ValueError): naming the dotted key (``model.rpn_head`` when built from a pipeline).
+    """
+    missing = [m for m in methods if not callable(getattr(value, m, None))]
+    if value is None:
+        got = "null"
+    elif not isinstance(value, nn.Module):
+        got = f"a {type(value).__name__}, not a torch module"
+    elif missing:
+        got = f"{type(value).__name__}, which has no {', '.join(missing)}"
+    else:
+        return
+    key = f"{current_path()}.{name}" if current_path() else name
+    raise error(key, f"{owner} needs {example}; got {got}")
 
 
 class BaseDetector(nn.Module, ABC):
@@ -17,6 +39,10 @@ class BaseDetector(nn.Module, ABC):
 
     def __init__(self, backbone: nn.Module, neck: nn.Module | None = None):
         super().__init__()
+        owner = type(self).__name__
+        require_component(owner, "backbone", backbone, ("forward",), "a backbone (e.g. {type: ResNet, depth: 50})")
+        if neck is not None:
+            require_component(owner, "neck", neck, ("forward",), "a neck module (e.g. {type: FPN, ...}) or null")
         self.backbone = backbone
         self.neck = neck
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from raydet.models.detectors.base import BaseDetector
+from raydet.models.detectors.base import BaseDetector, require_component
 from raydet.models.postprocess import boxes_to_original
 from raydet.registry import register
 
@@ -16,6 +16,8 @@ class RPN(BaseDetector):
 
     def __init__(self, backbone, neck, rpn_head):
         super().__init__(backbone, neck)
+        require_component(type(self).__name__, "rpn_head", rpn_head, ("loss_and_proposals", "predict"),
+                          "an rpn_head (e.g. {type: RPNHead, ...})")
         self.rpn_head = rpn_head
 
     def loss(self, batch):
@@ -35,6 +37,10 @@ class TwoStageDetector(BaseDetector):
 
     def __init__(self, backbone, neck, rpn_head, roi_head):
         super().__init__(backbone, neck)
+        require_component(type(self).__name__, "rpn_head", rpn_head, ("loss_and_proposals", "predict"),
+                          "an rpn_head (e.g. {type: RPNHead, ...})")
+        require_component(type(self).__name__, "roi_head", roi_head, ("loss", "predict"),
+                          "a roi_head (e.g. {type: StandardRoIHead, ...})")
         self.rpn_head = rpn_head
         self.roi_head = roi_head
 
@@ -82,6 +88,8 @@ class SingleStageDetector(BaseDetector):
 
     def __init__(self, backbone, neck, bbox_head):
         super().__init__(backbone, neck)
+        require_component(type(self).__name__, "bbox_head", bbox_head, ("loss", "predict"),
+                          "a bbox_head (a dense head, e.g. {type: RetinaHead, ...})")
         self.bbox_head = bbox_head
 
     def loss(self, batch):

@@ -17,16 +17,24 @@ __all__ = ["ConvFCBBoxHead", "Shared2FCBBoxHead", "Shared4Conv1FCBBoxHead"]
 class ConvFCBBoxHead(nn.Module):
     """``num_shared_convs`` 3x3 convs (optional norm) then ``num_shared_fcs`` FC layers, then two linear outputs.
 
-    Outputs: cls_score (R, C + 1) with background at index C; bbox_pred (R, 4 * C), or (R, 4) when
+    Outputs: cls_score (R, C + 1 + U) with background at index C; bbox_pred (R, 4 * C), or (R, 4) when
     ``reg_class_agnostic``.
+
+    ``num_unused_classes`` (U, default 0): classifier outputs after the background that take part in the softmax
+    (and its loss) but are no class: never a target, never predicted. A converted torchvision COCO model keeps the
+    logits of its 10 category-id slots that COCO never used (12, 26, 29, 30, 45, 66, 68, 69, 71, 83) here, so that
+    its softmax scores equal torchvision's.
     """
 
     def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
                  roi_feat_size: int = 7, num_shared_convs: int = 0, num_shared_fcs: int = 2,
                  conv_out_channels: int = 256, fc_out_channels: int = 1024, norm_cfg: dict | None = None,
-                 reg_class_agnostic: bool = False):
+                 reg_class_agnostic: bool = False, num_unused_classes: int = 0):
         super().__init__()
+        if num_unused_classes < 0:
+            raise ValueError(f"num_unused_classes must be >= 0, got {num_unused_classes}")
         self.num_classes = num_classes
+        self.num_unused_classes = num_unused_classes
         self.bbox_coder = bbox_coder
         self.loss_cls = loss_cls
         self.loss_bbox = loss_bbox
@@ -40,7 +48,7 @@ class ConvFCBBoxHead(nn.Module):
             fcs += [nn.Linear(features, fc_out_channels), nn.ReLU(inplace=True)]
             features = fc_out_channels
         self.shared_fcs = nn.Sequential(*fcs)
-        self.fc_cls = nn.Linear(features, num_classes + 1)
+        self.fc_cls = nn.Linear(features, num_classes + 1 + num_unused_classes)
         self.fc_reg = nn.Linear(features, 4 if reg_class_agnostic else 4 * num_classes)
 
         for m in self.shared_fcs:
@@ -53,7 +61,7 @@ class ConvFCBBoxHead(nn.Module):
         nn.init.zeros_(self.fc_reg.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(R, C_in, S, S) pooled features -> (cls_score (R, C + 1), bbox_pred (R, 4C or 4))."""
+        """(R, C_in, S, S) pooled features -> (cls_score (R, C + 1 + U), bbox_pred (R, 4C or 4))."""
         x = self.shared_fcs(self.shared_convs(x).flatten(1))
         return self.fc_cls(x), self.fc_reg(x)
 
@@ -87,7 +95,11 @@ class ConvFCBBoxHead(nn.Module):
         boxes = boxes.view(boxes.shape[0], bbox_pred.shape[1] // 4, 4)  # -1 is ambiguous with no RoIs
         if boxes.shape[1] == 1:
             boxes = boxes.expand(-1, self.num_classes, -1)
-        return multiclass_nms(boxes, scores, cfg.score_thr, cfg.nms_iou, cfg.max_per_img)
+        if cfg.min_bbox_size > 0:  # torchvision's remove_small_boxes: keep w >= min and h >= min
+            wh = boxes[..., 2:] - boxes[..., :2]
+            small = (wh < cfg.min_bbox_size).any(dim=-1)
+            scores = scores.masked_fill(small, float("-inf"))
+        return multiclass_nms(boxes, scores, cfg.score_thr, cfg.nms_iou, cfg.max_per_img, soft=cfg.soft_nms_args())
 
 
 @register
@@ -95,9 +107,11 @@ class Shared2FCBBoxHead(ConvFCBBoxHead):
     """Faster R-CNN's box head: two shared FC layers (1024 by default)."""
 
     def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
-                 roi_feat_size: int = 7, fc_out_channels: int = 1024, reg_class_agnostic: bool = False):
+                 roi_feat_size: int = 7, fc_out_channels: int = 1024, reg_class_agnostic: bool = False,
+                 num_unused_classes: int = 0):
         super().__init__(num_classes, bbox_coder, loss_cls, loss_bbox, in_channels, roi_feat_size, 0, 2,
-                         fc_out_channels=fc_out_channels, reg_class_agnostic=reg_class_agnostic)
+                         fc_out_channels=fc_out_channels, reg_class_agnostic=reg_class_agnostic,
+                         num_unused_classes=num_unused_classes)
 
 
 @register
@@ -106,6 +120,6 @@ class Shared4Conv1FCBBoxHead(ConvFCBBoxHead):
 
     def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
                  roi_feat_size: int = 7, conv_out_channels: int = 256, fc_out_channels: int = 1024,
-                 norm_cfg: dict | None = None, reg_class_agnostic: bool = False):
+                 norm_cfg: dict | None = None, reg_class_agnostic: bool = False, num_unused_classes: int = 0):
         super().__init__(num_classes, bbox_coder, loss_cls, loss_bbox, in_channels, roi_feat_size, 4, 1,
-                         conv_out_channels, fc_out_channels, norm_cfg, reg_class_agnostic)
+                         conv_out_channels, fc_out_channels, norm_cfg, reg_class_agnostic, num_unused_classes)

@@ -6,7 +6,6 @@ from torch import nn
 
 from raydet.models.head_configs import DetectionConfig
 from raydet.models.postprocess import boxes_to_original, paste_masks
-from raydet.models.roi_heads.mask_head import mask_targets
 from raydet.models.roi_heads.roi_extractor import boxes_to_rois
 from raydet.registry import register
 
@@ -79,8 +78,7 @@ class StandardRoIHead(nn.Module):
     def mask_loss(self, feats, samples, batch) -> dict[str, torch.Tensor]:
         pos_rois = boxes_to_rois([s.pos_boxes for s in samples])
         mask_pred = self.mask_head(self.mask_roi_extractor(feats, pos_rois))
-        size = mask_pred.shape[-1]
-        targets = torch.cat([mask_targets(s.pos_boxes, s.pos_assigned_gt_inds, batch["gt_masks"][i], size)
+        targets = torch.cat([self.mask_head.targets(s.pos_boxes, s.pos_assigned_gt_inds, batch["gt_masks"][i])
                              for i, s in enumerate(samples)])
         labels = torch.cat([s.pos_gt_labels for s in samples])
         return self.mask_head.loss(mask_pred, targets, labels)
@@ -109,4 +107,10 @@ class StandardRoIHead(nn.Module):
             if meta.get("flip", False):
                 p = p.flip(-1)
             h0, w0 = meta["ori_shape"][:2]
-            res["masks"] = paste_masks(p, res["boxes"], h0, w0, self.test.mask_thr)
+            if self.test.mask_paste == "torchvision":
+                from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+                pasted = paste_masks_in_image(p[:, None], res["boxes"], (h0, w0))[:, 0]
+                res["masks"] = pasted > self.test.mask_thr if self.test.mask_thr >= 0 else pasted
+            else:
+                res["masks"] = paste_masks(p, res["boxes"], h0, w0, self.test.mask_thr)
