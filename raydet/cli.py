@@ -33,6 +33,16 @@ def _key_value(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
+    return value
+
+
 def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
     """``PIPELINE`` and ``--set KEY=VALUE ...``, shared by every subcommand that reads a pipeline."""
     parser.add_argument("pipeline", metavar="PIPELINE", help="pipeline YAML file")
@@ -154,8 +164,8 @@ def _add_check_data(subparsers) -> None:
                     "per class, a box-size histogram and the problems by kind with the first record of each named. "
                     "Exits 1 when there is a problem, 2 for a pipeline mistake. No Ray.")
     add_pipeline_arguments(parser)
-    parser.add_argument("--workers", type=int, default=None, metavar="N",
-                        help="decoding threads (default: the CPU count, at most 8)")
+    parser.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                        help="decoding threads, >= 1 (default: the CPU count, at most 8)")
     parser.set_defaults(run=_run_check_data)
 
 
@@ -287,6 +297,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
+    except BrokenPipeError:  # the reader of the output has gone (`raydet analyze ... | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's flush of stdout at exit would raise it again
+        raise SystemExit(1) from None
     except Exception as exc:  # one line: a pipeline error (status 2), or anything else with its traceback in a file
         from .errors import report_failure
 

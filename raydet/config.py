@@ -34,6 +34,9 @@ __all__ = ["SECTIONS", "Config", "load_config", "get_by_path", "set_by_path", "p
 SECTIONS = ("model", "data", "optimizer", "lr_schedule", "train", "evaluation", "hooks", "scaling", "runtime",
             "work_dir", "seed", "checkpoint")
 
+# Sections whose every key has a default: a pipeline may leave them out, and `--set <section>.<key>=...` creates them
+DEFAULTED_SECTIONS = ("train", "evaluation", "scaling", "checkpoint", "runtime")
+
 SET_ORIGIN = "--set"  # the origin recorded for keys set on the command line
 
 _MISSING = object()
@@ -337,6 +340,11 @@ def apply_override(data: dict, origins: dict, text: str) -> None:
     if key.startswith("_"):
         raise ConfigError(f"{SET_ORIGIN}: {key}: top-level keys starting with '_' are not kept in a pipeline")
     value = parse_yaml(raw, f"{SET_ORIGIN} {key}")
+    section = parse_path(key)[0]
+    if section in DEFAULTED_SECTIONS and section not in data and "." in key:
+        # `--set scaling.num_workers=8` on a pipeline that leaves `scaling:` at its defaults
+        data[section] = {}
+        origins[section] = SET_ORIGIN
     try:
         if isinstance(value, dict) and not isinstance(value.get("_delete_", False), bool):
             raise ConfigError(f"{key}._delete_: expected true or false, got {value['_delete_']!r}")

@@ -24,8 +24,9 @@ Without a COCO json, images get ids ``1..N`` in input order, and ``images.json``
 Each actor builds the pipeline's model once, loads the checkpoint's weights (shipped once through the object
 store), decodes images (:func:`raydet.data.read_image`: strict JPEG decoding, EXIF orientation), applies the
 pipeline's test transforms (``data.test.pipeline``, else ``data.val.pipeline``) and the collate step, and runs
-``model(batch, mode="predict")`` under ``torch.no_grad()``. Batches are consecutive groups of ``--batch-size`` images in input order (every input
-block holds a multiple of the batch size), so the results do not depend on how Ray schedules the blocks.
+``model(batch, mode="predict")`` under ``torch.no_grad()``. Batches are consecutive groups of ``--batch-size``
+images in input order (every input block holds a multiple of the batch size), so the results do not depend on how
+Ray schedules the blocks.
 Boxes are (x1, y1, x2, y2) in pixels of the original image; labels map to category ids and class names through
 the checkpoint's ``meta`` (``cat_ids``, ``classes``, written by the trainer).
 

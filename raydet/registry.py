@@ -143,7 +143,12 @@ def _matches(value, hint) -> bool:
 
 
 def _describe(hint) -> str:
-    if typing.get_origin(hint) is not None:  # list[int], Optional[float], int | None: show the arguments
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:  # a fixed set of values: "one of 'fail', 'skip'"
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (typing.Union, types.UnionType) and any(typing.get_origin(a) is typing.Literal for a in args):
+        return " or ".join(_describe(a) for a in args)  # bool | Literal["decode"]: "bool or one of 'decode'"
+    if origin is not None:  # list[int], Optional[float], int | None: show the arguments
         return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 

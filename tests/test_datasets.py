@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from raydet.data import CocoDataset, CorruptImageError, SyntheticShapesDataset, VOCDataset
+from raydet.data.datasets import NoUsableImagesError
 from raydet.masks import bitmap_to_box, instance_masks_to_bitmaps
 from raydet.registry import build
 
@@ -124,7 +125,7 @@ def _mutate(kind):
         return data, r"annotation id 12 .*: bbox must be 4 finite numbers"
     if kind == "bad_image":
         images[1]["height"] = 0
-        return data, r"image id 2 \(images\[1\], file_name 'b\.png'\): height/width must be positive"
+        return data, r"image id 2 \(images\[1\], file_name 'b\.png'\): height and width must be positive"
     raise AssertionError(kind)
 
 
@@ -291,15 +292,65 @@ def test_voc_errors_name_the_xml(tmp_path):
     with pytest.raises(ValueError) as info:
         VOCDataset([str(tmp_path)], "train")
     text = str(info.value)
-    assert "a.xml (image a), object 0 ('zebra'): unknown class name 'zebra'" in text
-    assert "a.xml (image a), object 1 ('cat'): box [1.0, 1.0, 70.0, 20.0] extends more than 1 px" in text
-    with pytest.warns(UserWarning, match=r"box_outside_image: 1, unknown_category: 1"):
+    assert "1 problem(s) (box_outside_image: 1)" in text  # 'zebra' is not a class: dropped, not a problem
+    assert ("a.xml (image a), object 1 ('cat'): box [1.0, 1.0, 70.0, 20.0] extends more than 1 px outside the "
+            "60 x 40 (width x height) image") in text
+    with pytest.warns(UserWarning, match=r"skipped 1 problem\(s\) \(box_outside_image: 1\)"):
         ds = VOCDataset([str(tmp_path)], "train", on_error="skip")
     assert [len(r["boxes"]) for r in ds.records] == [0, 1]
     with pytest.raises(ValueError, match="num_classes=3 but the dataset has 20 classes"):
         VOCDataset([str(tmp_path)], "train", num_classes=3)
     with pytest.raises(ValueError, match=r"Main/val\.txt: cannot read the split file"):
         VOCDataset([str(tmp_path)], "val")
+
+
+def test_voc_trains_a_subset_of_its_classes_and_drops_the_other_objects(tmp_path, caplog):
+    # a: 2 RBC + 1 WBC; b: 1 Platelets only; c: 1 WBC (difficult). classes=[WBC] keeps 2 boxes, drops 3 objects.
+    write_voc(tmp_path, {"a": (64, 96, [("RBC", 1, 2, 30, 20, 0), ("WBC", 40, 10, 90, 60, 0),
+                                        ("RBC", 5, 5, 10, 10, 0)]),
+                         "b": (64, 64, [("Platelets", 3, 3, 9, 9, 0)]),
+                         "c": (64, 64, [("WBC", 0, 0, 64, 64, 1)])})
+    with caplog.at_level("INFO", logger="raydet.data.datasets"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # no problem, no skip warning: on_error "fail" passes
+        ds = VOCDataset([str(tmp_path)], "train", classes=["WBC"])
+    assert ds.classes == ("WBC",) and ds.problems.counts == {}
+    assert [r["voc_id"] for r in ds.records] == ["a", "b", "c"]
+    np.testing.assert_allclose(ds.records[0]["boxes"], [[40, 10, 90, 60]])
+    np.testing.assert_array_equal(ds.records[0]["labels"], [0])
+    assert len(ds.records[1]["boxes"]) == 0 and ds.records[2]["ignore"].tolist() == [True]
+    info = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and "dropped" in r.getMessage()]
+    assert info == [f"{ds.sources}: dropped 3 objects of classes not in `classes` (RBC: 2, Platelets: 1)"]
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # filter_empty_gt: b has no object left; c only an ignored (difficult) one
+    kept = VOCDataset([str(tmp_path)], "train", classes=["WBC"], filter_empty_gt=True)
+    assert [r["voc_id"] for r in kept.records] == ["a"]
+
+
+def test_voc_warns_about_a_class_no_object_names(tmp_path, caplog):
+    write_voc(tmp_path, {"a": (64, 64, [("RBC", 1, 2, 30, 20, 0), ("WBC", 40, 10, 60, 60, 0)])})
+    with caplog.at_level("INFO", logger="raydet.data.datasets"):
+        ds = VOCDataset([str(tmp_path)], "train", classes=["WBC", "RBCs"])
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warned == [f"{ds.sources}: `classes` entry 'RBCs' names no object of this split (a typo in `classes`?); "
+                      f"the objects' names: RBC (1), WBC (1)"]
+    assert ds.records[0]["labels"].tolist() == [0]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="raydet.data.datasets"):
+        VOCDataset([str(tmp_path)], "train", classes=["RBC", "WBC"])
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_voc_with_no_object_of_the_classes_left_names_the_problems_or_the_filter(tmp_path):
+    write_voc(tmp_path, {"a": (64, 64, [("RBC", 1, 2, 30, 20, 0)]), "b": (64, 64, [("WBC", 1, 2, 30, 20, 0)])})
+    (tmp_path / "JPEGImages" / "b.jpg").unlink()
+    with pytest.raises(ValueError, match=r"no usable images after filter_empty_gt$"):
+        VOCDataset([str(tmp_path)], "train", classes=["Platelets"], filter_empty_gt=True, check_images=False)
+    with pytest.warns(UserWarning), pytest.raises(NoUsableImagesError) as info:
+        VOCDataset([str(tmp_path)], "train", classes=["WBC"], filter_empty_gt=True, on_error="skip")
+    assert "no usable images after filter_empty_gt; 1 problem(s) dropped images or annotations (bad_image_file: 1)" \
+        in str(info.value)
+    assert info.value.problems.counts == {"bad_image_file": 1}
+    assert info.value.problems.all[0][1].startswith("image b: image file not found: ")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -283,3 +283,18 @@ def test_tune_every_trial_failed_in_its_workers(ray_session, worker_hooks, tmp_p
     _one_line(captured.err, DIVISION, _neck_call(), folder)
     (failed,) = [line for line in captured.out.splitlines() if line.startswith("trial ")]
     assert f"failed: {DIVISION} (raised at {_neck_call()}); traceback: " in failed
+
+
+def test_raydet_warnings_print_as_one_line(monkeypatch):
+    """A warning raised by raydet's code (a skipped record) reads ``warning: <message>`` on one line in a command's
+    console; a warning of other code keeps Python's form (file, line, category)."""
+    import warnings
+
+    from raydet.commands import ray_setup
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored after the test
+    ray_setup.setup_logging()
+    text = warnings.formatwarning("data.train: skipped 2 problem(s)", UserWarning, ray_setup.__file__, 10, "x = 1")
+    assert text == "warning: data.train: skipped 2 problem(s)\n"
+    other = warnings.formatwarning("careful", UserWarning, "/elsewhere/mod.py", 3, "call()")
+    assert other.startswith("/elsewhere/mod.py:3: UserWarning: careful") and "call()" in other

@@ -141,12 +141,28 @@ def test_a_size_matching_neither_frame_is_an_error_naming_the_image_when_read(tm
     with pytest.raises(ValueError) as info:
         CocoDataset(ann, str(tmp_path / "images"))
     text = str(info.value)
-    assert "image_size_mismatch: image id 1 (file_name 'p.jpg'): the annotations give the image size 100x100" in text
-    assert "60x120 as stored, 120x60 upright (EXIF orientation 6)" in text
+    assert ("image_size_mismatch: image id 1 (file_name 'p.jpg'): the annotations give the image size 100 x 100 "
+            "(width x height) but the image is 120 x 60 as stored, 60 x 120 upright (EXIF orientation 6)") in text
     assert str(tmp_path / "images" / "p.jpg") in text
     with pytest.warns(UserWarning, match=r"image_size_mismatch: 1"):
         ds = CocoDataset(ann, str(tmp_path / "images"), on_error="skip")
     assert [r["file_name"] for r in ds.records] == ["q.jpg"]
+
+
+def test_the_orientation_log_line_counts_in_words_that_agree(tmp_path, caplog):
+    phone_photo(tmp_path / "images" / "p.jpg", 6)
+    phone_photo(tmp_path / "images" / "q.jpg", 6)
+    prefix = str(tmp_path / "images")
+    one = coco(tmp_path, [("p.jpg", *UPRIGHT, BOX)], "one.json")
+    two = coco(tmp_path, [("p.jpg", *UPRIGHT, BOX), ("q.jpg", 60, 120, (80, 20, 100, 30))], "two.json")
+    with caplog.at_level(logging.INFO, logger="raydet.data.datasets"):
+        CocoDataset(one, prefix)
+        CocoDataset(two, prefix)
+    lines = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
+    assert lines == [f"{one}: 1 image carries an EXIF orientation (exif_orientation=auto): 1 is used upright, 0 are "
+                     f"used as stored",
+                     f"{two}: 2 images carry an EXIF orientation (exif_orientation=auto): 1 is used upright, 1 is "
+                     f"used as stored"]
 
 
 def test_apply_and_ignore_allow_one_frame_each(tmp_path):
@@ -156,10 +172,10 @@ def test_apply_and_ignore_allow_one_frame_each(tmp_path):
     prefix = str(tmp_path / "images")
     assert CocoDataset(upright, prefix, exif_orientation="apply").records[0]["orientation"] == 6
     assert CocoDataset(stored, prefix, exif_orientation="ignore").records[0]["orientation"] == 1
-    with pytest.raises(ValueError, match=r"image_size_mismatch: .*the annotations give the image size 60x120 .*"
-                                         r"\(exif_orientation: auto accepts either frame\)"):
+    with pytest.raises(ValueError, match=r"image_size_mismatch: .*the annotations give the image size 120 x 60 "
+                                         r"\(width x height\) .*\(exif_orientation: auto accepts either frame\)"):
         CocoDataset(stored, prefix, exif_orientation="apply")
-    with pytest.raises(ValueError, match=r"image_size_mismatch: .*image size 120x60 .*60x120 as stored"):
+    with pytest.raises(ValueError, match=r"image_size_mismatch: .*image size 60 x 120 .*120 x 60 as stored"):
         CocoDataset(upright, prefix, exif_orientation="ignore")
     with pytest.raises(ValueError, match=r"exif_orientation must be one of \('auto', 'apply', 'ignore'\)"):
         CocoDataset(upright, prefix, exif_orientation="rotate")
@@ -173,7 +189,8 @@ def test_without_the_reading_check_the_decoder_resolves_the_same_policy(tmp_path
     assert image.shape == (*UPRIGHT, 3) and is_red(image, BOX)
     bad = CocoDataset(coco(tmp_path, [("p.jpg", 70, 70, (1, 1, 9, 9))], "bad.json"), str(tmp_path / "images"),
                       check_images=False)
-    with pytest.raises(ImageSizeMismatchError, match=r"image id 1: the annotations give the image size 70x70 .*p\.jpg"):
+    with pytest.raises(ImageSizeMismatchError,
+                       match=r"image id 1: the annotations give the image size 70 x 70 .*p\.jpg"):
         bad.load_image(bad.records[0])
 
 
@@ -194,9 +211,9 @@ def test_voc_reader_and_a_missing_size_use_the_header(tmp_path):
     for record in ds.records:
         assert is_red(ds.load_image(record), BOX)
     with pytest.warns(UserWarning, match=r"(?s)box_outside_image: 1, image_size_mismatch: 1.*image a: the "
-                                         r"annotations give the image size 120x60 .*a\.jpg"):
+                                         r"annotations give the image size 60 x 120 \(width x height\) .*a\.jpg"):
         stored = VOCDataset([str(root)], "train", exif_orientation="ignore", on_error="skip")
-    # b's size is read as stored (60x120), where its upright box no longer fits
+    # b's size is read as stored (120 x 60, width x height), where its upright box no longer fits
     assert [(r["voc_id"], r["height"], r["width"], len(r["boxes"])) for r in stored.records] == [("b", 60, 120, 0)]
 
 

@@ -202,11 +202,12 @@ def test_detection_nms_follows_the_test_settings_class_by_class():
     keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, _detection_cfg(nms={"type": "soft_nms"}))
     assert keep.tolist() == [0, 2, 1]
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.7, 0.4]))
-    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, _detection_cfg(nms={"type": "soft_nms", "method": "gaussian",
-                                                                                    "sigma": 0.5}))
+    gaussian = _detection_cfg(nms={"type": "soft_nms", "method": "gaussian", "sigma": 0.5})
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, same, gaussian)
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.7 * math.exp(-0.32), 0.8 * math.exp(-0.5)]))
     # B of another class: nothing decays it (per class, as batched_nms)
-    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, torch.tensor([0, 1, 0]), _detection_cfg(nms={"type": "soft_nms"}))
+    keep, scores = detection_nms(SOFT_BOXES, SOFT_SCORES, torch.tensor([0, 1, 0]),
+                                 _detection_cfg(nms={"type": "soft_nms"}))
     assert keep.tolist() == [0, 1, 2]
     torch.testing.assert_close(scores, torch.tensor([0.9, 0.8, 0.7]))
     # hard NMS (torchvision: drop IoU > 0.5): nothing is dropped, scores unchanged; max_per_img cuts the list
@@ -221,7 +222,8 @@ def test_soft_nms_settings_are_checked_when_the_pipeline_builds():
     from raydet.config import load_config
     from raydet.registry import ConfigError
 
-    for bad, key in (("{nms: {type: softnms}}", r"nms\.type"), ("{nms: {type: soft_nms, method: cubic}}", r"nms\.method"),
+    for bad, key in (("{nms: {type: softnms}}", r"nms\.type"),
+                     ("{nms: {type: soft_nms, method: cubic}}", r"nms\.method"),
                      ("{nms: {type: soft_nms, sigma: 0}}", r"nms\.sigma"),
                      ("{nms: {type: soft_nms, sigmaa: 0.5}}", r"unknown key 'sigmaa'.*did you mean 'sigma'")):
         cfg = load_config(PIPELINES / "quickstart.yaml", [f"model.roi_head.test={bad}"])

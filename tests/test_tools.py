@@ -290,10 +290,81 @@ def test_check_data_decodes_every_image_and_reads_every_split(tmp_path, capsys):
     train, test = out.split("data.test", 1)
     # named by the readers' look at each file (raydet.data.image_io) or by check-data's decoding, whichever finds it
     assert re.search(r"(bad_image_file|corrupt_image): image id 2 \(.*file_name 'bad.png'.*bad.png", train)
-    assert re.search(r"image_size_mismatch: image id 3 \(.*file_name 'small.png'.*16x48", train)
+    assert re.search(r"image_size_mismatch: image id 3 \(.*file_name 'small.png'.*48 x 16", train)
     assert "problems: 2 (" in train
     assert "data.test: cannot be read" in out and "unreadable: " in test and "missing.json" in test
     assert "annotation file not found" in test
+
+
+def _planted_coco(root: Path) -> None:
+    """3 images of 64 x 48 (width x height); image 2's box sticks out (x up to 90 > 64 + 1); image 3 has no file."""
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "height": 48, "width": 64} for i in (1, 2, 3)],
+            "categories": [{"id": 1, "name": "x"}],
+            "annotations": [{"id": 10, "image_id": 1, "category_id": 1, "bbox": [1, 1, 8, 8], "iscrowd": 0},
+                            {"id": 11, "image_id": 2, "category_id": 1, "bbox": [40, 4, 50, 10], "iscrowd": 0},
+                            {"id": 12, "image_id": 3, "category_id": 1, "bbox": [2, 2, 8, 8], "iscrowd": 0}]}
+    write_coco(root, "instances_train.json", data)
+    (root / "images" / "3.png").unlink()
+
+
+def test_check_data_counts_a_problem_two_splits_share_once(tmp_path, capsys):
+    # train and test read the same file with different transforms (two configs, each read): 2 distinct problems
+    root = tmp_path / "d"
+    _planted_coco(root)
+    pipeline = coco_pipeline(tmp_path / "p.yaml", root, train_pipeline="[{type: RandomFlip, prob: 0.5}]",
+                             test_pipeline="[]")
+    code, out, err = run(["check-data", pipeline], capsys)
+    assert code == 1, out + err
+    train, test = out.split("data.test", 1)
+    for split in (train, test):  # each split lists its own problems ...
+        assert "problems: 2 (bad_image_file: 1, box_outside_image: 1)" in split
+        assert ("box_outside_image: annotation id 11 (annotations[1], image id 2, file_name '2.png'): bbox [40, 4, "
+                "50, 10] extends more than 1 px outside the 64 x 48 (width x height) image") in split
+    # ... the later one says which it shares, and the total counts them once
+    assert ("2 of these 2 problem(s) are also reported for data.train (the same annotation records): counted once "
+            "in the total") in test
+    assert "also reported" not in train
+    # images 1 and 2 kept in each split (3 has no file), 1 box each (2's box dropped); 4 reported, 2 distinct
+    assert out.rstrip().endswith("check-data: 2 dataset(s), 4 images, 2 boxes, 2 problem(s)")
+
+
+def test_check_data_reports_the_problems_that_left_no_usable_image(tmp_path, capsys):
+    # every image file is missing: the split cannot be built; the report names the problems that dropped them
+    root = tmp_path / "d"
+    _planted_coco(root)
+    for i in (1, 2):
+        (root / "images" / f"{i}.png").unlink()
+    pipeline = coco_pipeline(tmp_path / "p.yaml", root, train_pipeline="[]", extra=", filter_empty_gt: true")
+    code, out, err = run(["check-data", pipeline], capsys)
+    assert code == 1, out + err
+    ann = root / "annotations" / "instances_train.json"
+    assert (f"data.train, data.test: cannot be read: {ann}: no usable images after filter_empty_gt (the problems "
+            f"below dropped them)") in out
+    assert "problems: 4 (bad_image_file: 3, box_outside_image: 1); the first of each kind:" in out
+    assert f"bad_image_file: image id 1 (file_name '1.png'): image file not found: {root}/images/1.png" in out
+    assert "box_outside_image: annotation id 11 " in out and "unreadable" not in out
+    assert out.rstrip().endswith("check-data: 1 dataset(s), 0 images, 0 boxes, 4 problem(s)")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train.exif_orientation=upright",
+     "data.train.exif_orientation: CocoDataset expects one of 'auto', 'apply', 'ignore', got 'upright'"),
+    ("data.train.on_error=skp", "data.train.on_error: CocoDataset expects one of 'fail', 'skip', got 'skp'"),
+    ("data.test.check_images=full", "data.test.check_images: CocoDataset expects bool or one of 'decode', got 'full'"),
+])
+def test_check_data_exits_2_for_a_pipeline_mistake(tmp_path, capsys, override, message):
+    root = tmp_path / "d"
+    _planted_coco(root)
+    pipeline = coco_pipeline(tmp_path / "p.yaml", root, train_pipeline="[]")
+    code, out, err = run(["check-data", pipeline, "--set", override], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == f"error: --set: {message}"
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "two"])
+def test_check_data_needs_at_least_one_worker(tmp_path, capsys, workers):
+    code, out, err = run(["check-data", tmp_path / "p.yaml", "--workers", workers], capsys)
+    assert code == 2 and "argument --workers: expected an integer >= 1, got" in err
 
 
 def test_check_data_quickstart_counts_the_generated_shapes(capsys):

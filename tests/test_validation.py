@@ -404,3 +404,41 @@ def test_classes_as_a_string_in_a_pipeline_is_refused_by_type(tmp_path, capsys, 
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_every_readme_training_command_line_validates(capsys):
+    """Each ``python -m raydet.train PIPELINE [--set ...]`` line of the README validates as written, e.g.
+    ``--set scaling.num_workers=8`` on a pipeline that leaves ``scaling:`` at its defaults (the section is created)."""
+    import re
+    import shlex
+
+    line = r"^(?:ray job submit .*?-- )?python -m raydet\.train (pipelines/\S+\.yaml(?: --set [^#\n]*)?)"
+    commands = re.findall(line, (ROOT / "README.md").read_text(), re.MULTILINE)
+    assert len(commands) >= 3
+    for command in commands:
+        pipeline, *rest = shlex.split(command)
+        overrides = rest[1:] if rest[:1] == ["--set"] else []
+        code = cli.main(["config", str(ROOT / pipeline), "--validate-only", *(["--set", *overrides] if overrides
+                                                                              else [])])
+        assert code == 0, (command, capsys.readouterr().err)
+    cfg = load_config(ROOT / "pipelines" / "faster_rcnn_r50_fpn_1x_coco.yaml", ["scaling.num_workers=8"])
+    assert cfg.get("scaling") == {"num_workers": 8} and cfg.origins["scaling"] == "--set"
+    with pytest.raises(ConfigError, match=r"--set: scaling\.num_workrs: unknown key .*did you mean 'num_workers'"):
+        from raydet.commands.sections import parse_sections
+
+        parse_sections(load_config(ROOT / "pipelines" / "faster_rcnn_r50_fpn_1x_coco.yaml", ["scaling.num_workrs=8"]))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.backbone.depth=50", r"model\.neck\.in_channels: the neck does not take the backbone's outputs "
+                                r"\(channels \[256, 512, 1024, 2048\]\)"),
+    ("model.rpn_head.in_channels=32", r"model\.rpn_head\.in_channels: the head does not take the neck's outputs "
+                                      r"\(channels \[64\]\)"),
+], ids=["backbone_vs_neck", "neck_vs_head"])
+def test_parts_whose_channels_do_not_fit_fail_before_ray(override, key):
+    """The quickstart's neck is built for ResNet-18's channels (64..512): ResNet-50's (256..2048) do not fit it, and
+    an RPN head of 32 input channels does not take the 64-channel neck; found by shapes on the meta device."""
+    from raydet.commands.validation import validate_pipeline
+
+    with pytest.raises(ConfigError, match=key):
+        validate_pipeline(load_config(QUICKSTART, [override]))

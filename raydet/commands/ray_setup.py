@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from raydet.commands.sections import Sections
@@ -74,10 +75,25 @@ def configure_ray_console() -> None:
             configure_logging()
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning raydet's code raises (a skipped record, an image left out) as one ``warning: <message>`` line;
+    anyone else's in Python's usual form (file, line, source line)."""
+    from raydet.errors import package_path
+
+    if issubclass(category, UserWarning) and package_path(filename) is not None:
+        return f"warning: {message}\n"
+    return _PYTHON_FORMATWARNING(message, category, filename, lineno, line)
+
+
+_PYTHON_FORMATWARNING = warnings.formatwarning
+
+
 def setup_logging():
-    """raydet's log lines (``INFO``) on stdout, and Ray's library logs off the console
-    (:func:`configure_ray_console`). Called first by every command and in every Ray Train worker."""
+    """raydet's log lines (``INFO``) on stdout, its warnings as one ``warning: ...`` line each, and Ray's library
+    logs off the console (:func:`configure_ray_console`). Called first by every command and in every Ray Train
+    worker."""
     configure_ray_console()
+    warnings.formatwarning = _format_warning
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stdout, force=False)
     logging.getLogger("raydet").setLevel(logging.INFO)

@@ -72,9 +72,47 @@ def _check_model(cfg: Config, sections: Sections) -> None:
             detector = cfg.build("model")
         except FileNotFoundError as exc:  # e.g. a Pretrained init_cfg checkpoint
             raise error("model", str(exc)) from None
+    else:
+        _check_shapes(detector)
     if "segm" in sections.evaluation.metric and not getattr(getattr(detector, "roi_head", None), "with_mask", False):
         raise error("evaluation.metric", f"'segm' (mask AP) needs a model with a mask branch; "
                                          f"{type(detector).__name__} has none (use bbox, or a MaskRCNN model)")
+
+
+def _check_shapes(detector) -> None:
+    """Run a 1 x 3 x 128 x 128 image through the backbone, the neck and the dense heads on the meta device (shapes
+    only, ~50 ms): channel counts that do not fit each other (``model.backbone.depth: 50`` under a neck built for
+    ResNet-18's ``in_channels``) fail here, not in the first training step. Part by part, to name the one that does
+    not take its input."""
+    if not callable(getattr(detector, "backbone", None)):
+        return
+    image = torch.empty(1, 3, 128, 128, device="meta")
+    with torch.no_grad():
+        try:
+            feats = detector.backbone(image)
+        except RuntimeError as exc:
+            raise error("model.backbone", f"does not run on a 3-channel image: {_first_line(exc)}") from None
+        neck = getattr(detector, "neck", None)
+        if neck is not None:
+            try:
+                feats = neck(feats)
+            except (RuntimeError, IndexError, ValueError) as exc:
+                shapes = [tuple(f.shape[1:2]) for f in feats]
+                raise error("model.neck.in_channels", f"the neck does not take the backbone's outputs (channels "
+                                                      f"{[c for (c,) in shapes]}): {_first_line(exc)}") from None
+        for name in ("rpn_head", "bbox_head"):
+            head = getattr(detector, name, None)
+            if isinstance(head, torch.nn.Module) and callable(getattr(head, "forward", None)):
+                try:
+                    head(tuple(feats))
+                except (RuntimeError, IndexError, ValueError) as exc:
+                    channels = sorted({int(f.shape[1]) for f in feats})
+                    raise error(f"model.{name}.in_channels", f"the head does not take the neck's outputs "
+                                                             f"(channels {channels}): {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _check_dataset(cfg: Config, sections: Sections, split: str) -> None:

@@ -22,7 +22,7 @@ import os
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -30,13 +30,13 @@ from raydet.masks import valid_polygons
 from raydet.registry import register
 
 from .image_io import (CorruptImageError, ImageSizeMismatchError, check_exif_orientation, image_file_problem,
-                       read_image, read_image_header, resolve_orientation)
+                       read_image, read_image_header, resolve_orientation, size_text)
 from .pipeline import build_transforms
 from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
            "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError", "ImageSizeMismatchError",
-           "image_file_problem", "check_image_files"]
+           "image_file_problem", "check_image_files", "NoUsableImagesError"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
 
 _ON_ERROR = ("fail", "skip")
+# The readers' settings with a fixed set of values, as type hints: a pipeline's bad value is a ConfigError naming
+# the key when the pipeline is checked (raydet.registry.check), before any file is read.
+OnError = Literal["fail", "skip"]
+CheckImages = bool | Literal["decode"]
+ExifOrientation = Literal["auto", "apply", "ignore"]
 _CLIP_TOLERANCE = 1.0  # boxes may stick out of the image by at most this many pixels (then they are clipped)
 _MAX_EXAMPLES = 5
 
@@ -110,9 +115,15 @@ def check_image_files(records: list[dict], problems: _Problems, describe, exif_o
             rotated += orientation != 1
             as_stored += orientation == 1
     if rotated or as_stored:
-        logger.info("%s: %d images carry an EXIF orientation (exif_orientation=%s): %d are used upright, %d as "
-                    "stored", problems.source, rotated + as_stored, exif_orientation, rotated, as_stored)
+        logger.info("%s: %s an EXIF orientation (exif_orientation=%s): %s upright, %s as stored", problems.source,
+                    _count(rotated + as_stored, "image carries", "images carry"), exif_orientation,
+                    _count(rotated, "is used", "are used"), _count(as_stored, "is used", "are used"))
     return kept
+
+
+def _count(n: int, singular: str, plural: str) -> str:
+    """``"1 image is"`` / ``"2 images are"``: ``n`` and the words that agree with it."""
+    return f"{n} {singular if n == 1 else plural}"
 
 
 class ImageFileLoader:
@@ -147,16 +158,18 @@ class SyntheticImageLoader:
 
 class _Problems:
     """Problems found while reading one source; counted per kind, with the first messages kept (``examples``: the
-    first few of any kind; ``first``: kind -> its first message)."""
+    first few of any kind; ``first``: kind -> its first message; ``all``: every ``(kind, message)``)."""
 
     def __init__(self, source: str):
         self.source = source
         self.counts: collections.Counter = collections.Counter()
         self.examples: list[str] = []
         self.first: dict[str, str] = {}
+        self.all: list[tuple[str, str]] = []  # every (kind, message), in the order found
 
     def add(self, kind: str, message: str) -> None:
         self.counts[kind] += 1
+        self.all.append((kind, message))
         self.first.setdefault(kind, message)
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{kind}: {message}")
@@ -236,6 +249,17 @@ def _read_segmentation(seg, height: int, width: int) -> tuple[Any, str | None]:
 
 # ----------------------------------------------------------------------------------------------------------
 
+class NoUsableImagesError(ValueError):
+    """A reader kept no image. ``reason``: the message's first part (the source, ``no usable images`` and whether
+    ``filter_empty_gt`` dropped the last ones); ``problems``: what ``on_error="skip"`` dropped while reading
+    (counts per kind, the first messages, every message), or None; ``raydet check-data`` reports them as any other
+    problems."""
+
+    def __init__(self, message: str, problems=None, reason: str = ""):
+        super().__init__(message)
+        self.problems, self.reason = problems, reason or message
+
+
 class DetectionDataset:
     """Common API of the readers.
 
@@ -300,8 +324,13 @@ class DetectionDataset:
                             self.sources, len(records) - len(kept), len(records))
             records = kept
         if not records:
-            extra = " after filter_empty_gt" if self.filter_empty_gt else ""
-            raise ValueError(f"{self.sources}: no usable images{extra}")
+            reason = f"{self.sources}: no usable images" + (" after filter_empty_gt" if self.filter_empty_gt else "")
+            problems, extra = self.problems, ""
+            if problems:  # on_error="skip" dropped them: say why, and keep the problems for the caller
+                kinds = ", ".join(f"{k}: {n}" for k, n in sorted(problems.counts.items()))
+                extra = (f"; {sum(problems.counts.values())} problem(s) dropped images or annotations ({kinds}); "
+                         f"first: {problems.examples[0]}")
+            raise NoUsableImagesError(reason + extra, problems, reason)
         self.records = records
 
 
@@ -402,8 +431,8 @@ class CocoDataset(DetectionDataset):
 
     def __init__(self, ann_file: str, img_prefix: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, with_masks: bool = False, num_classes: int | None = None,
-                 classes: Sequence[str] | None = None, on_error: str = "fail", check_images: bool | str = True,
-                 exif_orientation: str = "auto"):
+                 classes: Sequence[str] | None = None, on_error: OnError = "fail", check_images: CheckImages = True,
+                 exif_orientation: ExifOrientation = "auto"):
         _check_on_error(on_error)
         _check_check_images(check_images)
         self.exif_orientation = check_exif_orientation(exif_orientation)
@@ -481,8 +510,8 @@ class CocoDataset(DetectionDataset):
                 self._dropped_image_ids.add(iid)
                 continue
             if not (_is_int(h) and _is_int(w) and h > 0 and w > 0):
-                problems.add("bad_image", f"{what}: height/width must be positive integers, got {h!r} x {w!r} "
-                             f"(image and its annotations dropped)")
+                problems.add("bad_image", f"{what}: height and width must be positive integers, got height {h!r}, "
+                             f"width {w!r} (image and its annotations dropped)")
                 self._dropped_image_ids.add(iid)
                 continue
             kept[iid] = im
@@ -545,7 +574,7 @@ class CocoDataset(DetectionDataset):
         reject(nonpos_raw, "nonpositive_box", lambda i: f"bbox {anns[i].get('bbox')} has non-positive size")
         clipped, outside, nonpos = _check_boxes(np.where(keep[:, None], xyxy, np.nan), heights, widths)
         reject(outside, "box_outside_image", lambda i: f"bbox {anns[i].get('bbox')} extends more than "
-               f"{_CLIP_TOLERANCE:g} px outside the {int(widths[i])}x{int(heights[i])} image")
+               f"{_CLIP_TOLERANCE:g} px outside the {size_text(heights[i], widths[i])} image")
         reject(nonpos, "nonpositive_box", lambda i: f"bbox {anns[i].get('bbox')} has no area inside the image")
         segmentations: dict[int, Any] = {}
         if self.with_masks:
@@ -617,15 +646,19 @@ class VOCDataset(DetectionDataset):
     Boxes are the VOC integers as (x1, y1, x2, y2) = (xmin, ymin, xmax, ymax), with no +1/-1 shift. Image ids are
     1..N in the order of the split files (roots in order); records also carry ``voc_id`` and ``img_path``.
     Difficult objects are ignored boxes when ``with_difficult_as_ignore`` (VOC evaluation skips them), else
-    ordinary boxes. Category ids are 1..C in ``classes`` order. ``check_images`` and ``exif_orientation`` as in
+    ordinary boxes. Category ids are 1..C in ``classes`` order (default: the 20 VOC classes). As in MMDetection,
+    objects whose ``<name>`` is not in ``classes`` are dropped (counted in one info log line; an image left without
+    objects follows ``filter_empty_gt``), so a subset of the classes can be trained; a ``classes`` entry that no
+    object of the split names is a warning log line (likely a typo). ``check_images`` and ``exif_orientation`` as in
     :class:`CocoDataset`; a missing ``<size>`` is read from the image's header (the upright size unless
     ``exif_orientation`` is ``"ignore"``).
     """
 
     def __init__(self, roots: Sequence[str], split: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, num_classes: int | None = None,
-                 classes: Sequence[str] | None = None, on_error: str = "fail", with_difficult_as_ignore: bool = True,
-                 check_images: bool | str = True, exif_orientation: str = "auto"):
+                 classes: Sequence[str] | None = None, on_error: OnError = "fail",
+                 with_difficult_as_ignore: bool = True,
+                 check_images: CheckImages = True, exif_orientation: ExifOrientation = "auto"):
         _check_on_error(on_error)
         _check_check_images(check_images)
         self.exif_orientation = check_exif_orientation(exif_orientation)
@@ -646,6 +679,7 @@ class VOCDataset(DetectionDataset):
         self._label = {c: i for i, c in enumerate(self.classes)}
         self._set_pipeline(pipeline)
         problems = _Problems(self.sources)
+        self._names: collections.Counter = collections.Counter()  # <name> of every object read -> count
         records = []
         for root in self.roots:
             split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
@@ -658,6 +692,7 @@ class VOCDataset(DetectionDataset):
                 rec = self._read_xml(root, voc_id, len(records) + 1, problems)
                 if rec is not None:
                     records.append(rec)
+        self._log_class_use(explicit=classes is not None)
         if check_images:
             records = check_image_files(records, problems, lambda r: f"image {r['voc_id']}", self.exif_orientation,
                                         "decode" if check_images == "decode" else "header")
@@ -665,6 +700,22 @@ class VOCDataset(DetectionDataset):
         self.problems = problems
         self._coco_gt = None
         self._finish(records)
+
+    def _log_class_use(self, explicit: bool) -> None:
+        """One info line for the objects of names not in ``classes`` (dropped, as MMDetection's VOC reader drops
+        them), one warning for the ``classes`` that no object of the split names (a typo, or the wrong split)."""
+        found = ", ".join(f"{n} ({c})" for n, c in self._names.most_common(10)) + (
+            ", ..." if len(self._names) > 10 else "")
+        other = {n: c for n, c in self._names.items() if n not in self._label}
+        if other:
+            logger.info("%s: dropped %s of classes not in `classes` (%s)", self.sources,
+                        _count(sum(other.values()), "object", "objects"),
+                        ", ".join(f"{n}: {c}" for n, c in sorted(other.items(), key=lambda kv: -kv[1])))
+        missing = [c for c in self.classes if c not in self._names]
+        if missing and (explicit or len(missing) == len(self.classes)):
+            logger.warning("%s: `classes` %s %s %s no object of this split (a typo in `classes`?); the objects' "
+                           "names: %s", self.sources, "entry" if len(missing) == 1 else "entries",
+                           ", ".join(map(repr, missing)), "names" if len(missing) == 1 else "name", found or "none")
 
     def _read_xml(self, root: str, voc_id: str, image_id: int, problems: _Problems) -> dict | None:
         xml_path = os.path.join(root, "Annotations", f"{voc_id}.xml")
@@ -698,7 +749,9 @@ class VOCDataset(DetectionDataset):
                          dtype=np.float64).reshape(-1, 4)
         difficult = np.array([_xml_text(o, "difficult") not in (None, "", "0") for o in objects], bool)
         labels = np.array([self._label.get(nm, -1) for nm in names], dtype=np.int64)
-        keep = np.ones(len(objects), bool)
+        self._names.update(nm for nm in names if nm)
+        nameless = np.array([not nm for nm in names], bool)
+        keep = (labels >= 0) | nameless  # objects of other classes: dropped, counted in one log line
 
         def reject(mask: np.ndarray, kind: str, why) -> None:
             nonlocal keep
@@ -706,12 +759,12 @@ class VOCDataset(DetectionDataset):
                 problems.add(kind, f"{what}, object {i} ({names[i]!r}): {why(i)} (object dropped)")
             keep &= ~mask
 
-        reject(labels < 0, "unknown_category", lambda i: f"unknown class name {names[i]!r}")
+        reject(nameless, "bad_annotation", lambda i: "the object has no <name>")
         malformed = ~np.isfinite(boxes).all(axis=1)
         reject(malformed, "malformed_box", lambda i: "<bndbox> needs numeric xmin, ymin, xmax, ymax")
         clipped, outside, nonpos = _check_boxes(boxes, h, w)
         reject(outside, "box_outside_image", lambda i: f"box {boxes[i].tolist()} extends more than "
-               f"{_CLIP_TOLERANCE:g} px outside the {w}x{h} image")
+               f"{_CLIP_TOLERANCE:g} px outside the {size_text(h, w)} image")
         reject(nonpos, "nonpositive_box", lambda i: f"box {boxes[i].tolist()} has non-positive size")
         ignore = difficult[keep] if self.with_difficult_as_ignore else np.zeros(int(keep.sum()), bool)
         return {
@@ -745,7 +798,8 @@ class SyntheticShapesDataset(DetectionDataset):
 
         if num_images < 1 or height < 32 or width < 32 or max_objects < 1 or start_id < 0:
             raise ValueError(f"SyntheticShapesDataset needs num_images >= 1, height/width >= 32, max_objects >= 1 "
-                             f"and start_id >= 0, got {num_images}, {height}x{width}, {max_objects}, {start_id}")
+                             f"and start_id >= 0, got {num_images}, height {height}, width {width}, {max_objects}, "
+                             f"{start_id}")
         self.sources = f"synthetic(seed={seed}, ids {start_id}..{start_id + num_images - 1})"
         self.filter_empty_gt, self.with_masks = filter_empty_gt, with_masks
         self.classes = tuple(CLASSES)

@@ -32,7 +32,7 @@ from raydet.errors import RaydetError
 
 __all__ = ["CorruptImageError", "ImageSizeMismatchError", "ImageHeader", "EXIF_ORIENTATION_POLICIES",
            "check_exif_orientation", "image_file_problem", "read_image_header", "resolve_orientation",
-           "apply_orientation", "read_image"]
+           "apply_orientation", "read_image", "size_text"]
 
 EXIF_ORIENTATION_POLICIES = ("auto", "apply", "ignore")
 _ORIENTATION_TAG = 0x0112
@@ -64,6 +64,12 @@ class ImageHeader(NamedTuple):
     def upright_size(self) -> tuple[int, int]:
         """(height, width) after the EXIF orientation is applied (orientations 5-8 swap them)."""
         return (self.width, self.height) if self.orientation >= 5 else (self.height, self.width)
+
+
+def size_text(height: int, width: int, words: bool = True) -> str:
+    """An image size as every data message writes it: ``"640 x 480 (width x height)"`` (``words=False``: without
+    the parenthesis, for a second size in the same message)."""
+    return f"{int(width)} x {int(height)}" + (" (width x height)" if words else "")
 
 
 def check_exif_orientation(value: str) -> str:
@@ -150,13 +156,12 @@ def resolve_orientation(policy: str, header: ImageHeader, size: tuple[int, int] 
     for orientation, frame in candidates:
         if size is None or (int(size[0]), int(size[1])) == frame:
             return orientation
-    sizes = f"{stored[0]}x{stored[1]} as stored"
+    sizes = f"{size_text(*stored, words=False)} as stored"
     if header.orientation != 1:
-        upright = header.upright_size
-        sizes += f", {upright[0]}x{upright[1]} upright (EXIF orientation {header.orientation})"
+        sizes += f", {size_text(*header.upright_size, words=False)} upright (EXIF orientation {header.orientation})"
     hint = "" if policy == "auto" or header.orientation == 1 else " (exif_orientation: auto accepts either frame)"
-    raise ImageSizeMismatchError(f"{_who(image_id)}the annotations give the image size {int(size[0])}x{int(size[1])} "
-                                 f"(height x width) but the image is {sizes}{hint}: {path}")
+    raise ImageSizeMismatchError(f"{_who(image_id)}the annotations give the image size {size_text(*size)} but the "
+                                 f"image is {sizes}{hint}: {path}")
 
 
 def apply_orientation(image: np.ndarray, orientation: int) -> np.ndarray:

@@ -19,6 +19,7 @@ import numpy as np
 
 from raydet.registry import build, current_path
 
+from .image_io import size_text
 from .transforms import BatchTransform, CollateConfig, Normalize, Pad, Transform
 
 __all__ = ["Compose", "build_transforms", "image_rng", "record_to_sample", "load_sample", "TorchDetectionDataset"]
@@ -95,7 +96,7 @@ def record_to_sample(record: dict, image: np.ndarray, with_masks: bool = False) 
     h, w = image.shape[:2]
     if (h, w) != (int(record["height"]), int(record["width"])):
         raise ValueError(f"image id {record['image_id']} ({record.get('file_name', '')}): the decoded image is "
-                         f"{h}x{w} but the annotations say {record['height']}x{record['width']}")
+                         f"{size_text(h, w)} but the annotations say {size_text(record['height'], record['width'])}")
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
     ignore = np.asarray(record.get("ignore", np.zeros(len(boxes), bool)), bool).reshape(-1)
     keep = ~ignore

@@ -8,8 +8,16 @@ for files) in a thread pool, and its size compared with the annotations'.
 
 The report per split: images (and how many have no box), image sizes, boxes / ignored boxes / images per class, a
 histogram of box sizes (``sqrt(w * h)`` in pixels of the annotations; COCO's small / medium / large split at 32 and
-96), and the problems by kind with the first record of each kind named. A split that cannot be read at all (a
-missing annotation file, no usable image) is one problem of kind ``unreadable``.
+96), and the problems by kind with the first record of each kind named. A split left with no usable image reports
+the problems that dropped its images (and the reason it cannot be read); a split that cannot be read at all (a
+missing annotation file) is one problem of kind ``unreadable``.
+
+The pipeline is checked first, every section but the model (:func:`raydet.commands.validation.validate_pipeline`):
+a mistake in it (a bad ``on_error`` or ``exif_orientation`` value, an unknown key) is a ConfigError, not a data
+problem. Two splits with
+different configs may read the same annotation records (e.g. ``data.val`` and ``data.test`` on one file with other
+transforms): each split lists its problems, the later one says how many it shares with the earlier, and the total
+counts each distinct problem once.
 """
 from __future__ import annotations
 
@@ -22,11 +30,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raydet.data.datasets import CorruptImageError, ImageSizeMismatchError
+from raydet.data.datasets import CorruptImageError, ImageSizeMismatchError, NoUsableImagesError
+from raydet.data.image_io import size_text
 from raydet.registry import REGISTRY, ConfigError, build, build_context
 
 __all__ = ["SIZE_BINS", "SplitReport", "check_pipeline", "summarize_dataset", "decode_problems", "format_report",
-           "default_workers"]
+           "default_workers", "distinct_problems"]
 
 SPLITS = ("train", "val", "test")
 SIZE_BINS = (0, 8, 16, 32, 64, 96, 128, 256, 512, float("inf"))  # edges of the box-size histogram, pixels
@@ -49,6 +58,9 @@ class SplitReport:
     size_histogram: list[int] = field(default_factory=list)   # non-ignored boxes per SIZE_BINS bin
     problems: dict[str, int] = field(default_factory=dict)    # kind -> count
     first: dict[str, str] = field(default_factory=dict)       # kind -> the first problem's message
+    messages: list[tuple[str, str]] = field(default_factory=list)  # every (kind, message)
+    shared: dict[str, int] = field(default_factory=dict)      # earlier split(s) -> problems also reported there
+    error: str = ""                                           # why no dataset could be built ("": it was)
 
     @property
     def num_problems(self) -> int:
@@ -57,6 +69,12 @@ class SplitReport:
     def add_problem(self, kind: str, message: str) -> None:
         self.problems[kind] = self.problems.get(kind, 0) + 1
         self.first.setdefault(kind, message)
+        self.messages.append((kind, message))
+
+    def add_reader_problems(self, problems) -> None:
+        """Add what a reader's ``on_error="skip"`` dropped (:attr:`raydet.data.DetectionDataset.problems`)."""
+        for kind, message in problems.all:
+            self.add_problem(kind, message)
 
 
 def summarize_dataset(dataset, report: SplitReport) -> None:
@@ -105,8 +123,8 @@ def decode_problems(dataset, workers: int = 8) -> list[tuple[str, str]]:
             return kind, f"{who}: {why}"
         h, w = image.shape[:2]
         if (h, w) != (int(rec["height"]), int(rec["width"])):
-            return "image_size_mismatch", (f"{who}: the decoded image is {h}x{w} (h x w) but the annotations say "
-                                           f"{rec['height']}x{rec['width']}")
+            return "image_size_mismatch", (f"{who}: the decoded image is {size_text(h, w)} but the annotations "
+                                           f"say {size_text(rec['height'], rec['width'])}")
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:  # OpenCV decodes without the GIL
@@ -115,8 +133,9 @@ def decode_problems(dataset, workers: int = 8) -> list[tuple[str, str]]:
 
 
 def _read_split(cfg, spec: dict, where: str):
-    """Build one dataset config with ``on_error: skip`` where the reader takes it. A data problem (the reader's
-    ValueError) -> (None, message); a pipeline mistake (unknown key or type) raises ConfigError."""
+    """Build one dataset config with ``on_error: skip`` where the reader takes it (the pipeline's own value has
+    been validated). A data problem (the reader's ValueError) -> (None, the exception); a pipeline mistake
+    (unknown key or type) raises ConfigError."""
     spec = dict(spec)
     factory = REGISTRY.get(spec.get("type"))
     if factory is not None and "on_error" in inspect.signature(factory).parameters:
@@ -128,17 +147,18 @@ def _read_split(cfg, spec: dict, where: str):
         except ConfigError as exc:
             if exc.__cause__ is None or isinstance(exc.__cause__, ConfigError):
                 raise
-            return None, str(exc)
+            return None, exc
 
 
 def check_pipeline(cfg, *, workers: int = 8, decode: bool = True) -> list[SplitReport]:
     """Read (and with ``decode``, decode) every split of a loaded pipeline (:class:`raydet.config.Config`).
 
-    Raises ConfigError for a pipeline mistake; data problems go into the reports.
+    Raises ConfigError for a pipeline mistake (:func:`~raydet.commands.validation.validate_pipeline`, before any
+    file is read); data problems go into the reports.
     """
-    from raydet.commands.sections import parse_sections
+    from raydet.commands.validation import validate_pipeline
 
-    sections = parse_sections(cfg)
+    sections = validate_pipeline(cfg, model=False)  # the data need no model (a data-only pipeline is checked too)
     groups: list[tuple[list[str], dict]] = []
     for split in SPLITS:
         spec = getattr(sections.data, split)
@@ -157,20 +177,43 @@ def check_pipeline(cfg, *, workers: int = 8, decode: bool = True) -> list[SplitR
         report = SplitReport(splits=splits)
         dataset, error = _read_split(cfg, spec, f"data.{splits[0]}")
         if dataset is None:
-            report.add_problem("unreadable", error)
+            report.error = str(error)
+            problems = getattr(error.__cause__, "problems", None)
+            if isinstance(error.__cause__, NoUsableImagesError) and problems:
+                report.error = f"{error.__cause__.reason} (the problems below dropped them)"
+                report.add_reader_problems(problems)  # what dropped the images, reported as any problem
+            else:
+                report.add_problem("unreadable", str(error.__cause__))
             reports.append(report)
             continue
         problems = getattr(dataset, "problems", None)
         if problems is not None:
-            for kind, count in sorted(problems.counts.items()):
-                report.problems[kind] = report.problems.get(kind, 0) + count
-                report.first.setdefault(kind, problems.first.get(kind, ""))
+            report.add_reader_problems(problems)
         summarize_dataset(dataset, report)
         if decode and spec.get("check_images") != "decode":  # (with "decode" the reader has decoded every image)
             for kind, message in decode_problems(dataset, workers):
                 report.add_problem(kind, message)
         reports.append(report)
+    _mark_shared(reports)
     return reports
+
+
+def _mark_shared(reports: list[SplitReport]) -> None:
+    """Fill each report's ``shared``: how many of its problems (same kind and message: the same record of the same
+    file) an earlier report already has."""
+    seen: dict[tuple[str, str], str] = {}
+    for r in reports:
+        name = ", ".join(f"data.{s}" for s in r.splits)
+        for key in r.messages:
+            if key in seen and seen[key] != name:
+                r.shared[seen[key]] = r.shared.get(seen[key], 0) + 1
+            else:
+                seen.setdefault(key, name)
+
+
+def distinct_problems(reports: list[SplitReport]) -> int:
+    """The problems of all reports, each problem that several splits report counted once."""
+    return sum(r.num_problems - sum(r.shared.values()) for r in reports)
 
 
 def _size_label(lo: float, hi: float) -> str:
@@ -183,12 +226,15 @@ def format_report(reports: list[SplitReport]) -> str:
     for r in reports:
         name = ", ".join(f"data.{s}" for s in r.splits)
         if not r.dataset:
-            lines.append(f"{name}: cannot be read")
+            lines.append(f"{name}: cannot be read" + (f": {r.error}" if r.error and "unreadable" not in r.problems
+                                                      else ""))
         else:
             lines.append(f"{name}: {r.dataset}")
             sizes = sorted(r.image_sizes.items(), key=lambda kv: -kv[1])
-            shown = ", ".join(f"{w}x{h} ({n})" for (h, w), n in sizes[:3]) + (", ..." if len(sizes) > 3 else "")
-            lines.append(f"  images: {r.images} ({r.images_without_boxes} without boxes); sizes w x h: {shown}")
+            shown = ", ".join(f"{size_text(h, w, words=False)} ({n})" for (h, w), n in sizes[:3]) + (
+                ", ..." if len(sizes) > 3 else "")
+            lines.append(f"  images: {r.images} ({r.images_without_boxes} without boxes); sizes (width x height): "
+                         f"{shown}")
             width = max([len("class")] + [len(c) for c in r.classes])
             lines.append(f"  {'class':<{width}}  {'id':>6}  {'boxes':>8}  {'ignored':>8}  {'images':>7}")
             for c, cid, b, ig, im in zip(r.classes, r.cat_ids, r.boxes_per_class, r.ignored_per_class,
@@ -204,9 +250,12 @@ def format_report(reports: list[SplitReport]) -> str:
             kinds = ", ".join(f"{k}: {n}" for k, n in sorted(r.problems.items()))
             lines.append(f"  problems: {r.num_problems} ({kinds}); the first of each kind:")
             lines.extend(f"    {k}: {r.first[k]}" for k in sorted(r.problems))
+            for other, n in r.shared.items():
+                lines.append(f"  {n} of these {r.num_problems} problem(s) are also reported for {other} (the same "
+                             f"annotation records): counted once in the total")
         else:
             lines.append("  problems: none")
-    total = sum(r.num_problems for r in reports)
+    total = distinct_problems(reports)
     lines.append(f"check-data: {len(reports)} dataset(s), {sum(r.images for r in reports)} images, "
                  f"{sum(sum(r.boxes_per_class) for r in reports)} boxes, {total} problem(s)")
     return "\n".join(lines)
