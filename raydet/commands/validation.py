@@ -83,32 +83,38 @@ def _check_shapes(detector) -> None:
     """Run a 1 x 3 x 128 x 128 image through the backbone, the neck and the dense heads on the meta device (shapes
     only, ~50 ms): channel counts that do not fit each other (``model.backbone.depth: 50`` under a neck built for
     ResNet-18's ``in_channels``) fail here, not in the first training step. Part by part, to name the one that does
-    not take its input."""
+    not take its input. Best effort: a component that cannot run on the meta device (it reads values, calls
+    NumPy), or fails for any reason other than a shape, is left to its first real step."""
     if not callable(getattr(detector, "backbone", None)):
         return
-    image = torch.empty(1, 3, 128, 128, device="meta")
+    parts = [("model.backbone", "does not run on a 3-channel image", detector.backbone)]
+    neck = getattr(detector, "neck", None)
+    if isinstance(neck, torch.nn.Module):
+        parts.append(("model.neck.in_channels", "the neck does not take the backbone's outputs", neck))
+    for name in ("rpn_head", "bbox_head"):
+        head = getattr(detector, name, None)
+        if isinstance(head, torch.nn.Module):
+            parts.append((f"model.{name}.in_channels", "the head does not take the neck's outputs",
+                          lambda feats, head=head: head(tuple(feats))))
+    image, feats = torch.empty(1, 3, 128, 128, device="meta"), None
     with torch.no_grad():
-        try:
-            feats = detector.backbone(image)
-        except RuntimeError as exc:
-            raise error("model.backbone", f"does not run on a 3-channel image: {_first_line(exc)}") from None
-        neck = getattr(detector, "neck", None)
-        if neck is not None:
+        for key, what, part in parts:
             try:
-                feats = neck(feats)
-            except (RuntimeError, IndexError, ValueError) as exc:
-                shapes = [tuple(f.shape[1:2]) for f in feats]
-                raise error("model.neck.in_channels", f"the neck does not take the backbone's outputs (channels "
-                                                      f"{[c for (c,) in shapes]}): {_first_line(exc)}") from None
-        for name in ("rpn_head", "bbox_head"):
-            head = getattr(detector, name, None)
-            if isinstance(head, torch.nn.Module) and callable(getattr(head, "forward", None)):
-                try:
-                    head(tuple(feats))
-                except (RuntimeError, IndexError, ValueError) as exc:
-                    channels = sorted({int(f.shape[1]) for f in feats})
-                    raise error(f"model.{name}.in_channels", f"the head does not take the neck's outputs "
-                                                             f"(channels {channels}): {_first_line(exc)}") from None
+                out = part(image if feats is None else feats)
+            except Exception as exc:  # noqa: BLE001  (see the docstring: only a shape mismatch is reported)
+                if not _is_shape_error(exc):
+                    return
+                channels = "" if feats is None else f" (channels {sorted({int(f.shape[1]) for f in feats})})"
+                raise error(key, f"{what}{channels}: {_first_line(exc)}") from None
+            if not key.endswith("_head.in_channels"):  # the backbone's and the neck's outputs feed the next part
+                feats = out
+
+
+def _is_shape_error(exc: BaseException) -> bool:
+    """PyTorch's complaint about tensor shapes (not about the meta device itself)."""
+    text = str(exc)
+    return (isinstance(exc, RuntimeError) and "meta" not in text
+            and any(word in text for word in ("channel", "shape", "size", "dimension")))
 
 
 def _first_line(exc: BaseException) -> str:
