@@ -217,8 +217,9 @@ def test_a_dataset_with_zero_usable_images_is_refused(tmp_path, capsys):
     _jpeg(tmp_path / "b.jpg")
     annotations = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 32, 32], "area": 1024, "iscrowd": 0}]
     pipeline = _coco_pipeline(tmp_path, _coco(tmp_path, images, annotations))
-    err = _train_error(capsys, [str(pipeline), "--work-dir", str(tmp_path / "w"),
-                                "--set", "data.train.on_error=skip"])
+    with pytest.warns(UserWarning, match=r"annotations\.json: skipped 1 problem\(s\) \(bad_image_file: 1\)"):
+        err = _train_error(capsys, [str(pipeline), "--work-dir", str(tmp_path / "w"),
+                                    "--set", "data.train.on_error=skip"])
     assert "annotations.json" in err and "no usable image" in err
 
 
