@@ -35,8 +35,8 @@ from .pipeline import build_transforms
 from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
-           "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError", "ImageSizeMismatchError",
-           "image_file_problem", "check_image_files", "NoUsableImagesError"]
+           "read_json", "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError",
+           "ImageSizeMismatchError", "image_file_problem", "check_image_files", "NoUsableImagesError"]
 
 logger = logging.getLogger(__name__)
 
@@ -357,17 +357,24 @@ def _class_names(classes, owner: str) -> tuple[str, ...] | None:
 # ----------------------------------------------------------------------------------------------------------
 # COCO
 
-def load_json(path: str) -> dict:
-    """A JSON annotation file's top-level object; a missing, unreadable or malformed file is an error naming it."""
+def read_json(path: str, what: str = "annotation file"):
+    """The parsed contents of a JSON file; a missing, unreadable or malformed file is a ValueError naming it and
+    ``what`` it is (``annotation file``, ``results file``)."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise ValueError(f"{path}: annotation file not found") from None
+        raise ValueError(f"{path}: {what} not found") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the annotation file: {exc}") from None
+        raise ValueError(f"{path}: cannot read the {what}: {exc}") from None
+
+
+def load_json(path: str) -> dict:
+    """A COCO annotation file's top-level object (:func:`read_json`), checked to hold ``images`` and
+    ``categories`` lists."""
+    data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a COCO json object with 'images', 'annotations', 'categories', "
                          f"got a {type(data).__name__}")

@@ -23,6 +23,7 @@ import re
 
 import numpy as np
 
+from raydet.data.datasets import read_json
 from raydet.evaluation.coco import COCO_METRIC_NAMES, results_to_coco, run_cocoeval
 
 from .coco_errors import AREAS, ERROR_TYPES, coco_error_breakdown, plot_error_breakdown
@@ -38,15 +39,7 @@ def _number(v) -> bool:
 def load_results(path: str) -> list[dict]:
     """Read and check a COCO results json: a list of entries with an integer ``image_id`` and ``category_id``, a
     ``bbox`` of 4 finite numbers (width and height >= 0) and a finite ``score``. Errors name the file and entry."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: results file not found") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the results file: {exc}") from None
+    data = read_json(path, "results file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a COCO results list ([{{image_id, category_id, bbox, score}}, ...]), "
                          f"got a {type(data).__name__}" + (" (an annotation file?)" if isinstance(data, dict) else ""))
