@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raydet.models.anchor_generator import AnchorGenerator, anchor_inside_flags
+from raydet.models.task_modules.prior_generators import AnchorGenerator, anchor_inside_flags
 from raydet.registry import ConfigError, build
 
 SQ2 = math.sqrt(2.0)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torchvision.ops import box_iou
 
-from raydet.models.assigner import AssignResult, MaxIoUAssigner
+from raydet.models.task_modules.assigners import AssignResult, MaxIoUAssigner
 from raydet.registry import build
 
 GTS = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 30.0, 30.0]])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raydet.models.box_coder import DeltaXYWHBBoxCoder
+from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from raydet.registry import build
 
 RCNN_STDS = (0.1, 0.1, 0.2, 0.2)

@@ -12,9 +12,9 @@ import torch
 import torchvision
 from torch import nn
 
-from raydet.models.anchor_generator import AnchorGenerator
-from raydet.models.assigner import MaxIoUAssigner
-from raydet.models.box_coder import DeltaXYWHBBoxCoder
+from raydet.models.task_modules.prior_generators import AnchorGenerator
+from raydet.models.task_modules.assigners import MaxIoUAssigner
+from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from raydet.models.dense_heads.retina_head import RetinaHead
 from raydet.models.dense_heads.rpn_head import RPNHead
 from raydet.models.head_configs import DetectionConfig, ProposalConfig
@@ -23,7 +23,7 @@ from raydet.models.roi_heads.bbox_head import ConvFCBBoxHead, Shared2FCBBoxHead,
 from raydet.models.roi_heads.mask_head import FCNMaskHead, mask_targets
 from raydet.models.roi_heads.roi_extractor import SingleRoIExtractor, boxes_to_rois, map_roi_levels
 from raydet.models.roi_heads.standard_roi_head import StandardRoIHead
-from raydet.models.sampler import PseudoSampler, RandomSampler
+from raydet.models.task_modules.samplers import PseudoSampler, RandomSampler
 
 STRIDES = [4, 8, 16, 32]
 

@@ -284,7 +284,7 @@ def test_anchor_generator_options_give_torchvisions_anchors():
     from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
     from torchvision.models.detection.image_list import ImageList
 
-    from raydet.models.anchor_generator import AnchorGenerator
+    from raydet.models.task_modules.prior_generators import AnchorGenerator
 
     sizes = [[32, 40, 50], [64, 80, 101], [128, 161, 203], [256, 322, 406], [512, 645, 812]]
     ours = AnchorGenerator(strides=[8, 16, 32, 64, 128], ratios=[0.5, 1.0, 2.0], sizes=sizes,
@@ -303,7 +303,7 @@ def test_anchor_generator_options_give_torchvisions_anchors():
 def test_box_coder_caps_dw_dh_from_above_only_as_torchvision():
     from torchvision.models.detection._utils import BoxCoder
 
-    from raydet.models.box_coder import DeltaXYWHBBoxCoder
+    from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
 
     boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [0.0, 0.0, 8.0, 30.0]])
     deltas = torch.tensor([[0.5, -0.3, -10.0, 9.0], [-1.0, 2.0, 0.2, -6.0]]).repeat(1, 2) * torch.tensor(
@@ -320,7 +320,7 @@ def test_low_quality_matches_keep_their_own_best_gt_as_torchvisions_matcher():
     gives box 0 to gt 0, torchvision's Matcher to gt 1 (box 0's own best)."""
     from torchvision.models.detection._utils import Matcher
 
-    from raydet.models.assigner import MaxIoUAssigner
+    from raydet.models.task_modules.assigners import MaxIoUAssigner
 
     overlaps = torch.tensor([[0.40, 0.10, 0.00], [0.45, 0.60, 0.20]])
     expected = Matcher(0.7, 0.3, allow_low_quality_matches=True)(overlaps.clone())  # gt index, -1 bg, -2 ignored
@@ -349,7 +349,7 @@ def test_soft_unaligned_mask_targets_are_torchvisions():
 
 
 def test_detection_min_bbox_size_drops_narrow_boxes_as_remove_small_boxes():
-    from raydet.models.box_coder import DeltaXYWHBBoxCoder
+    from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
     from raydet.models.head_configs import DetectionConfig
     from raydet.models.losses import CrossEntropyLoss, L1Loss
     from raydet.models.roi_heads.bbox_head import Shared2FCBBoxHead

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from raydet.models.assigner import AssignResult
-from raydet.models.sampler import PseudoSampler, RandomSampler, SamplingResult
+from raydet.models.task_modules.assigners import AssignResult
+from raydet.models.task_modules.samplers import PseudoSampler, RandomSampler, SamplingResult
 from raydet.registry import build
 
 

@@ -1,5 +1,6 @@
 """Model components. Importing this package registers every component type with ``raydet.registry``."""
-from raydet.models import (anchor_generator, assigner, box_coder, losses, sampler)  # noqa: F401
+from raydet.models import losses  # noqa: F401
+from raydet.models.task_modules import assigners, coders, prior_generators, samplers  # noqa: F401
 from raydet.models.backbones import resnet  # noqa: F401
 from raydet.models.necks import fpn  # noqa: F401
 from raydet.models.dense_heads import rpn_head, retina_head  # noqa: F401

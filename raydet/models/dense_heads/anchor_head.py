@@ -12,10 +12,10 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
-from raydet.models.anchor_generator import AnchorGenerator, anchor_inside_flags
-from raydet.models.box_coder import DeltaXYWHBBoxCoder
+from raydet.models.task_modules.prior_generators import AnchorGenerator, anchor_inside_flags
+from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
 from raydet.models.losses import CrossEntropyLoss
-from raydet.models.sampler import PseudoSampler
+from raydet.models.task_modules.samplers import PseudoSampler
 
 __all__ = ["AnchorHead", "flatten_levels"]
 

@@ -1,0 +1,5 @@
+"""Assigners: each prior to a ground-truth box, to the background, or to "ignore" (an ``AssignResult``)."""
+from raydet.models.task_modules.assigners.assign_result import AssignResult
+from raydet.models.task_modules.assigners.max_iou_assigner import MaxIoUAssigner
+
+__all__ = ["AssignResult", "MaxIoUAssigner"]
