@@ -46,6 +46,7 @@ MODELS = {
     "retinanet": "retinanet_r50_fpn_1x_coco.yaml",
 }
 MODES = ("inference", "train")
+PRECISIONS = ("fp32", "fp16", "bf16")
 NUM_CLASSES = 80  # raydet's COCO pipelines
 
 
@@ -64,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    p.add_argument("--precision", nargs="+", choices=PRECISIONS, default=["fp32"],
+                   help="fp32, or mixed precision: forward passes under torch.autocast with float16 (fp16, training "
+                        "with a GradScaler) or bfloat16 (bf16), the same for both implementations")
     p.add_argument("--score-thr", type=float, default=0.05,
                    help="test score threshold of both implementations; random weights score below 0.05, so lower "
                         "it (e.g. 0.0) to make post-processing do real work")
@@ -293,6 +297,12 @@ def torchvision_targets(samples, offset: int, device: torch.device) -> list[dict
 # ------------------------------------------------------------------------------------------------ timing
 
 # synchronize(device); timed(fn, device) -> (wall seconds, output, process CPU seconds): shared with raydet.benchmark
+def autocast(device: torch.device, precision: str):
+    """The autocast context of a precision (fp32: autocast off)."""
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
 def run_pair(steps: dict[str, Callable[[], object]], args: argparse.Namespace, device: torch.device) -> dict:
     """Warm up each implementation, then time them alternately ``--repeats`` times.
 
@@ -351,7 +361,7 @@ def count_detections(outputs: list[dict]) -> int:
     return int(sum(o["boxes"].shape[0] for o in outputs))
 
 
-def bench_inference(model: str, nets: dict[str, nn.Module], args, device, rng) -> dict:
+def bench_inference(model: str, nets: dict[str, nn.Module], args, device, rng, precision: str = "fp32") -> dict:
     samples, tv_images = make_inputs(1, args, rng)
     batch = raydet_batch(samples, device)
     images = [im.to(device) for im in tv_images]
@@ -359,11 +369,11 @@ def bench_inference(model: str, nets: dict[str, nn.Module], args, device, rng) -
         net.eval()
 
     def raydet_step():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             return nets["raydet"](batch, mode="predict")
 
     def torchvision_step():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, precision):
             return nets["torchvision"](images)
 
     steps = {"raydet": raydet_step, "torchvision": torchvision_step}
@@ -382,7 +392,7 @@ def bench_inference(model: str, nets: dict[str, nn.Module], args, device, rng) -
     with torch.no_grad():
         transform_times = [timed(lambda: transform(images), device)[0] for _ in range(max(3, args.repeats))]
 
-    row = {"model": model, "mode": "inference", "unit": "images/s"}
+    row = {"model": model, "mode": "inference", "precision": precision, "unit": "images/s"}
     for impl, r in res.items():
         row[impl] = {"images_per_s": 1.0 / r["median_s"], **summary(r),
                      "detections": count_detections(r["last_output"])}
@@ -397,33 +407,37 @@ def bench_inference(model: str, nets: dict[str, nn.Module], args, device, rng) -
     return row
 
 
-def bench_train(model: str, nets: dict[str, nn.Module], args, device, rng) -> dict:
+def bench_train(model: str, nets: dict[str, nn.Module], args, device, rng, precision: str = "fp32") -> dict:
     samples, tv_images = make_inputs(args.batch, args, rng)
     batch = raydet_batch(samples, device)
     images = [im.to(device) for im in tv_images]
     targets = torchvision_targets(samples, torchvision_label_offset(model, args), device)
-    optimizers = {}
+    optimizers, scalers = {}, {}
     for impl, net in nets.items():
+        # fp16 gradients underflow without loss scaling; bf16 has float32's exponent range and needs none
+        scalers[impl] = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         set_train_mode(net, impl, args)
         params = [p for p in net.parameters() if p.requires_grad]
         optimizers[impl] = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=1e-4)
 
     def make_step(impl: str):
-        net, opt = nets[impl], optimizers[impl]
+        net, opt, scaler = nets[impl], optimizers[impl], scalers[impl]
 
         def step():
-            losses = net(batch) if impl == "raydet" else net(images, targets)
-            loss = sum(losses.values())
+            with autocast(device, precision):
+                losses = net(batch) if impl == "raydet" else net(images, targets)
+                loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             return float(loss.detach())
 
         return step
 
     steps = {impl: make_step(impl) for impl in nets}
     res = run_pair(steps, args, device)
-    row = {"model": model, "mode": "train", "unit": "s/iter", "batch": args.batch}
+    row = {"model": model, "mode": "train", "precision": precision, "unit": "s/iter", "batch": args.batch}
     for impl, r in res.items():
         row[impl] = {"s_per_iter": r["median_s"], **summary(r), "last_loss": r["last_output"],
                      "trainable_params": sum(p.numel() for p in nets[impl].parameters() if p.requires_grad)}
@@ -449,7 +463,7 @@ def metadata(args: argparse.Namespace, device: torch.device) -> dict:
         "input_size_hw": [h, w], "train_batch": args.batch, "gt_per_image": args.gt_per_image,
         "warmup": args.warmup, "repeats": args.repeats, "statistic": "median", "score_thr": args.score_thr,
         "backbone": args.backbone, "weights": "independent" if args.independent_weights else "raydet's, copied",
-        "raydet_overrides": list(args.raydet_set),
+        "raydet_overrides": list(args.raydet_set), "precisions": list(args.precision),
         "torchvision_num_classes": {m: torchvision_num_classes(m, args) for m in args.models},
         "raydet_num_classes": NUM_CLASSES, "lr": args.lr, "seed": args.seed,
         "test_settings": {"score_thr": args.score_thr, "nms_iou": 0.5, "max_per_img": 100,
@@ -466,7 +480,7 @@ def metadata(args: argparse.Namespace, device: torch.device) -> dict:
 
 def format_table(rows: list[dict]) -> str:
     """model, mode, raydet, torchvision, ratio (raydet speed / torchvision speed), and per-run details."""
-    lines = [f"{'model':<12} {'mode':<10} {'unit':<9} {'raydet':>9} {'torchvision':>12} {'ratio':>6} "
+    lines = [f"{'model':<12} {'mode':<10} {'prec':<5} {'unit':<9} {'raydet':>9} {'torchvision':>12} {'ratio':>6} "
              f"{'cpu ratio':>9}  details (raydet, torchvision)"]
     for r in rows:
         key = "images_per_s" if r["mode"] == "inference" else "s_per_iter"
@@ -477,7 +491,7 @@ def format_table(rows: list[dict]) -> str:
             extra.append(f"rois {r['raydet']['rois']}, {r['torchvision']['rois']}")
         if r["raydet"]["peak_mem_mib"] is not None:
             extra.append(f"peak MiB {r['raydet']['peak_mem_mib']:.0f}, {r['torchvision']['peak_mem_mib']:.0f}")
-        lines.append(f"{r['model']:<12} {r['mode']:<10} {r['unit']:<9} {r['raydet'][key]:>9.3f} "
+        lines.append(f"{r['model']:<12} {r['mode']:<10} {r.get('precision', 'fp32'):<5} {r['unit']:<9} {r['raydet'][key]:>9.3f} "
                      f"{r['torchvision'][key]:>12.3f} {r['ratio']:>6.2f} {r['cpu_time_ratio']:>9.2f}  "
                      f"{'; '.join(extra)}")
     return "\n".join(lines)
@@ -500,11 +514,12 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.independent_weights:
             copy_raydet_weights(nets["raydet"], nets["torchvision"], torchvision_label_offset(model, args))
         nets = {impl: net.to(device) for impl, net in nets.items()}
-        for mode in args.modes:
-            bench = bench_inference if mode == "inference" else bench_train
-            row = bench(model, nets, args, device, rng)
-            rows.append(row)
-            print(format_table([row]).splitlines()[1], flush=True)
+        for precision in args.precision:
+            for mode in args.modes:
+                bench = bench_inference if mode == "inference" else bench_train
+                row = bench(model, nets, args, device, rng, precision)
+                rows.append(row)
+                print(format_table([row]).splitlines()[1], flush=True)
         del nets
         if device.type == "cuda":
             torch.cuda.empty_cache()
