@@ -6,7 +6,7 @@
     raydet browse PIPELINE --out DIR [--split S] [--num N]     draw images as the model sees them
     raydet check-data PIPELINE                       read and decode every split; report; exit 1 on problems
     raydet analyze PIPELINE RESULTS [--out DIR]      per-class AP, confusion matrix, COCO error breakdown
-    raydet convert SRC OUT --from torchvision --pipeline PIPELINE    another toolbox's checkpoint for raydet
+    raydet convert SRC OUT --from {torchvision,mmdet,detectron2} --pipeline PIPELINE   a checkpoint for raydet
 
 Each subcommand is one ``_add_<name>`` function in :data:`COMMANDS`: it adds its parser and sets ``run``, a
 function of the parsed arguments (for the heavy subcommands, ``raydet.<name>.main`` imported on use).
@@ -243,7 +243,9 @@ def _add_convert(subparsers) -> None:
         description="Map the tensors of SRC (a state dict of --from's format) onto the model of --pipeline and "
                     "write a raydet checkpoint to OUT that raydet test / raydet infer load with that pipeline, with "
                     "the class names and category ids in its meta. Class slots are converted (torchvision: "
-                    "background 0 and 91 COCO-id slots -> 80 classes with the background last). Every source tensor "
+                    "background 0 and 91 COCO-id slots -> 80 classes with the background last); the class names "
+                    "come from the checkpoint's meta (MMDetection) or the pipeline; Detectron2's .pkl files are read "
+                    "with numpy arrays as the only pickled objects allowed. Every source tensor "
                     "is placed or reported; a checkpoint of another architecture fails with the first mismatching "
                     "keys and shapes, and nothing is written. No Ray.")
     parser.add_argument("src", metavar="SRC", help="the source checkpoint (e.g. a torchvision .pth)")

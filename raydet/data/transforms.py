@@ -101,6 +101,15 @@ def rescale_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, in
     return max(1, _round_half_up(height * factor)), max(1, _round_half_up(width * factor))
 
 
+def _resize_image(image: np.ndarray, new_w: int, new_h: int, backend: str) -> np.ndarray:
+    """Bilinear resize of a uint8 (h, w, C) image with OpenCV or Pillow (see :class:`Resize`'s ``backend``)."""
+    if backend == "pillow":
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Geometry helpers on instance masks (polygons stay polygons; RLE is decoded, transformed and re-encoded).
 
@@ -150,6 +159,9 @@ class Resize(Transform):
         multiscale_mode: with several pairs, ``"value"`` picks one pair uniformly; ``"range"`` takes exactly two
             pairs and draws the long side uniformly (integers) between their long sides and the short side between
             their short sides.
+        backend: how the image is interpolated (bilinear): ``"cv2"`` (OpenCV's ``INTER_LINEAR``) or ``"pillow"``
+            (Pillow's ``BILINEAR``, which also filters over the source footprint when shrinking; what Detectron2's
+            ``ResizeTransform`` does to uint8 images), as MMDetection's ``Resize(backend=...)``.
 
     Boxes are multiplied by the actual ``(new_w / w, new_h / h)`` and clipped to the new image. Polygon masks are
     scaled the same way; RLE masks are decoded, resized with nearest-neighbour and re-encoded (RLE, str counts).
@@ -157,9 +169,12 @@ class Resize(Transform):
     """
 
     def __init__(self, scale: Sequence[int] | Sequence[Sequence[int]], keep_ratio: bool = True,
-                 multiscale_mode: str = "value"):
+                 multiscale_mode: str = "value", backend: str = "cv2"):
         if multiscale_mode not in ("value", "range"):
             raise ValueError(f"multiscale_mode must be 'value' or 'range', got {multiscale_mode!r}")
+        if backend not in ("cv2", "pillow"):
+            raise ValueError(f"backend must be 'cv2' or 'pillow', got {backend!r}")
+        self.backend = backend
         pairs = [scale] if len(scale) and np.isscalar(scale[0]) else list(scale)
         if not pairs:
             raise ValueError("Resize needs at least one (long, short) scale")
@@ -194,7 +209,7 @@ class Resize(Transform):
             new_w, new_h = scale
         out = dict(sample)
         if (new_h, new_w) != (h, w):
-            out["image"] = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+            out["image"] = _resize_image(image, new_w, new_h, self.backend)
         sx, sy = new_w / w, new_h / h
         factor = np.array([sx, sy, sx, sy], dtype=np.float32)
         out["boxes"] = _clip_boxes(np.asarray(sample["boxes"], np.float32).reshape(-1, 4) * factor, new_h, new_w)

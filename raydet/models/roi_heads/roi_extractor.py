@@ -1,6 +1,8 @@
 """Pool fixed-size features for each RoI from the FPN level that matches its size."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -16,13 +18,23 @@ def boxes_to_rois(boxes_per_image: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(rois) if rois else torch.zeros((0, 5))
 
 
-def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56.0) -> torch.Tensor:
-    """FPN level of each RoI: floor(log2(sqrt(w * h) / finest_scale + 1e-6)) clamped to [0, num_levels - 1].
+def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56.0, mapping: str = "mmdetection",
+                   first_level: int = 2) -> torch.Tensor:
+    """FPN level (0-based) of each RoI from its scale sqrt(w * h), clamped to [0, num_levels - 1].
 
-    With finest_scale 56: scale < 112 -> level 0 (P2), [112, 224) -> 1, [224, 448) -> 2, >= 448 -> 3.
+    ``mapping="mmdetection"``: floor(log2(scale / finest_scale + 1e-6)); with finest_scale 56: scale < 112 -> level 0
+    (P2), [112, 224) -> 1, [224, 448) -> 2, >= 448 -> 3. ``"detectron2"``: Detectron2's ROIPooler (FPN paper Eq. 1,
+    canonical box 224 px at level 4): floor(4 + log2(scale / 224 + 1e-8)) - first_level, where ``first_level`` is the
+    pyramid level of the finest map (2 for P2); the same thresholds, except for RoIs within a few float32 steps of them.
     """
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
-    return torch.floor(torch.log2(scale / finest_scale + 1e-6)).clamp(0, num_levels - 1).long()
+    if mapping == "detectron2":
+        levels = torch.floor(4 + torch.log2(scale / 224 + 1e-8)) - first_level
+    elif mapping == "mmdetection":
+        levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    else:
+        raise ValueError(f"mapping must be 'mmdetection' or 'detectron2', got {mapping!r}")
+    return levels.clamp(0, num_levels - 1).long()
 
 
 @register
@@ -35,10 +47,13 @@ class SingleRoIExtractor(nn.Module):
         sampling_ratio: RoIAlign samples per bin side (0 = adaptive).
         aligned: RoIAlign with the half-pixel offset (MMDetection / Detectron2 default).
         roi_type: "RoIAlign" or "RoIPool".
+        finest_scale, level_mapping: how an RoI's level is chosen (:func:`map_roi_levels`): ``"mmdetection"`` (with
+            ``finest_scale``) or ``"detectron2"`` (Detectron2's ROIPooler; the finest level is log2 of the first
+            stride).
     """
 
     def __init__(self, output_size: int, featmap_strides: list[int], sampling_ratio: int = 0, aligned: bool = True,
-                 finest_scale: float = 56.0, roi_type: str = "RoIAlign"):
+                 finest_scale: float = 56.0, roi_type: str = "RoIAlign", level_mapping: str = "mmdetection"):
         super().__init__()
         if roi_type not in ("RoIAlign", "RoIPool"):
             raise ValueError(f"roi_type must be 'RoIAlign' or 'RoIPool', got {roi_type!r}")
@@ -48,6 +63,12 @@ class SingleRoIExtractor(nn.Module):
         self.aligned = aligned
         self.finest_scale = finest_scale
         self.roi_type = roi_type
+        if level_mapping not in ("mmdetection", "detectron2"):
+            raise ValueError(f"level_mapping must be 'mmdetection' or 'detectron2', got {level_mapping!r}")
+        if level_mapping == "detectron2" and any(s != 2 ** round(math.log2(s)) for s in featmap_strides):
+            raise ValueError(f"level_mapping 'detectron2' needs power-of-2 featmap_strides, got "
+                             f"{list(featmap_strides)}")
+        self.level_mapping = level_mapping
 
     @property
     def num_inputs(self) -> int:
@@ -65,7 +86,8 @@ class SingleRoIExtractor(nn.Module):
         out = feats[0].new_zeros((rois.shape[0], c, self.output_size, self.output_size))
         if len(feats) == 1:
             return self.pool(feats[0], rois, self.featmap_strides[0])
-        levels = map_roi_levels(rois, len(feats), self.finest_scale)
+        levels = map_roi_levels(rois, len(feats), self.finest_scale, self.level_mapping,
+                                round(math.log2(self.featmap_strides[0])))
         unused = None
         for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
             idx = torch.nonzero(levels == level, as_tuple=True)[0]
