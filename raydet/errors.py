@@ -278,6 +278,22 @@ def _error_file(work_dir: str | os.PathLike | None, command: str) -> tuple[int, 
     return tempfile.mkstemp(prefix=f"raydet-{command}-error-{stamp}-", suffix=".txt")
 
 
+def _to_storage(path: str, work_dir) -> str:
+    """A traceback file written locally for a work dir in object storage (a URI), copied there as
+    ``error-<time>.txt`` and removed here; returns where it is (the local path when the copy fails)."""
+    from raydet import fileio
+
+    if not work_dir or not fileio.is_uri(os.fspath(work_dir)):
+        return path
+    dest = fileio.join(os.fspath(work_dir), f"error-{time.strftime('%Y%m%d_%H%M%S')}.txt")
+    try:
+        fileio.upload_file(path, dest)
+    except OSError:
+        return path
+    os.unlink(path)
+    return dest
+
+
 def _raised_in_package(exc: BaseException) -> bool:
     """Whether ``exc`` was raised by raydet's own code (its innermost frame is in the package)."""
     frames = traceback.extract_tb(exc.__traceback__) if exc.__traceback__ is not None else []
@@ -295,7 +311,8 @@ def report_failure(exc: BaseException, work_dir: str | os.PathLike | None, comma
 
     Args:
         exc: what the command caught.
-        work_dir: the folder the traceback file goes to (the run folder for ``train``), if it exists.
+        work_dir: the folder the traceback file goes to (the run folder for ``train``), if it exists; a URI
+            (object storage) gets it copied there.
         command: the command's name, for the file's header and a temporary file's name.
         stream: where the line goes (default: ``sys.stderr``).
     """
@@ -319,7 +336,7 @@ def report_failure(exc: BaseException, work_dir: str | os.PathLike | None, comma
             if original is not exc:
                 f.write("\nRay's wrapping of it, as raised in this process:\n" +
                         "".join(traceback.format_exception(exc)))
-        saved = f"full traceback: {path}"
+        saved = f"full traceback: {_to_storage(path, work_dir)}"
     except OSError as write_error:  # a full disk: the line still says what failed
         saved = f"the traceback could not be written: {write_error}"
     print(f"error: {head} (" + (f"raised at {where}; " if where else "") + f"{saved})", file=stream, flush=True)

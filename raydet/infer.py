@@ -47,6 +47,13 @@ Outputs in ``--out`` (default ``<work_dir>/<pipeline name>/infer``):
   (and masks) scoring >= ``--score-thr``, class names and scores (drawn by the actors; on a multi-node cluster
   ``--out`` must be shared storage).
 
+Object storage: the checkpoint, every INPUT (a folder is a prefix, listed recursively; a glob's ``*`` stays within one
+``/`` level and ``**`` crosses them; a list file's relative lines are relative to its own URI) and ``--out`` may be
+URIs (``s3://``, ``gs://``: :mod:`raydet.fileio`). The actors read each image's bytes from the bucket themselves and
+write ``vis/`` there; ``results.json``, ``results.parquet`` and ``images.json`` are written into a local scratch
+folder and copied to ``--out`` when the run has finished (a failed run copies nothing, as it leaves no result files
+in a local ``--out``).
+
 Unreadable images stop the run with an error naming the file (``--on-error fail``, default) or are skipped with
 one warning counting them per kind (``--on-error skip``). The driver first looks at every file's first and last
 bytes, as the dataset readers do (missing, empty, not an image, truncated JPEG: found before Ray starts); the
@@ -61,6 +68,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -69,6 +77,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raydet import fileio
 from raydet.data.image_io import EXIF_ORIENTATION_POLICIES
 from raydet.data.ray_data import rows_to_columns
 
@@ -114,18 +123,69 @@ def _walk_folder(folder: str, exclude: str | None) -> list[str]:
     return sorted(found, key=lambda p: os.path.relpath(p, folder))
 
 
+def _walk_uri(folder: str, exclude: str | None) -> list[str]:
+    """:func:`_walk_folder` for a folder in object storage: the image objects under the prefix (names starting with
+    ``.`` skipped at any level, and those under ``exclude``), sorted by relative path."""
+    prefix = folder.rstrip("/") + "/"
+    found = []
+    for entry in fileio.list_files(folder):
+        rel = entry.path[len(prefix):]
+        if any(part.startswith(".") for part in rel.split("/")) or not _is_image(rel):
+            continue
+        if exclude is not None and (entry.path + "/").startswith(exclude.rstrip("/") + "/"):
+            continue
+        found.append(entry.path)
+    return found
+
+
+def _glob_regex(pattern: str) -> re.Pattern:
+    """A glob pattern as a regular expression over ``/``-separated paths: ``**`` any number of levels (``**/``
+    also none), ``*`` and ``?`` within one level, ``[...]`` a character class."""
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out, i = out + "[" + ("^" + body[1:] if body.startswith("!") else body) + "]", end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out + r"\Z")
+
+
+def _glob_uri(pattern: str) -> list[str]:
+    """The files in object storage matching a glob pattern URI, sorted (one listing of the prefix before the first
+    level with a wildcard)."""
+    scheme, rest = pattern.split("://", 1)
+    parts = rest.split("/")
+    fixed = next(i for i, part in enumerate(parts) if _GLOB_CHARS & set(part))
+    base = f"{scheme}://" + "/".join(parts[:fixed])
+    regex = _glob_regex("/".join(parts[fixed:]))
+    return [e.path for e in fileio.list_files(base) if regex.match(e.path[len(base) + 1:])]
+
+
 def _read_list_file(path: str) -> list[str]:
-    base = os.path.dirname(os.path.abspath(path))
+    base = fileio.dirname(path) if fileio.is_uri(path) else os.path.dirname(os.path.abspath(path))
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        if fileio.is_uri(path):
+            lines = fileio.read_text(path).splitlines()
+        else:
+            with open(path, encoding="utf-8") as f:
+                lines = f.read().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the image list: {exc}") from None
+        raise ValueError(f"{path}: cannot read the image list: {str(exc).removeprefix(f'{path}: ')}") from None
     out = []
     for line in lines:
         line = line.strip()
         if line and not line.startswith("#"):
-            out.append(os.path.join(base, os.path.expanduser(line)))
+            out.append(line if fileio.is_uri(line) else fileio.join(base, os.path.expanduser(line)))
     if not out:
         raise ValueError(f"{path}: the image list is empty")
     return out
@@ -136,7 +196,10 @@ def _read_coco_images(path: str, img_prefix: str | None) -> list[dict]:
     from raydet.data.datasets import load_json  # the readers' json checks and messages
 
     data = load_json(path)
-    prefix = img_prefix if img_prefix is not None else os.path.dirname(os.path.abspath(path))
+    if img_prefix is not None:
+        prefix = img_prefix
+    else:
+        prefix = fileio.dirname(path) if fileio.is_uri(path) else os.path.dirname(os.path.abspath(path))
     out, seen = [], set()
     for i, im in enumerate(data["images"]):
         iid = im.get("id") if isinstance(im, dict) else None
@@ -148,7 +211,9 @@ def _read_coco_images(path: str, img_prefix: str | None) -> list[dict]:
         seen.add(iid)
         size = [im.get(k) for k in ("height", "width")]
         h, w = (int(size[0]), int(size[1])) if all(isinstance(v, int) and v > 0 for v in size) else (0, 0)
-        out.append({"image_id": iid, "path": os.path.abspath(os.path.join(prefix, name)), "height": h, "width": w})
+        file = fileio.join(prefix, name)
+        out.append({"image_id": iid, "path": file if fileio.is_uri(file) else os.path.abspath(file), "height": h,
+                    "width": w})
     if not out:
         raise ValueError(f"{path}: the COCO json lists no images")
     return out
@@ -161,25 +226,28 @@ def collect_images(inputs: list[str], *, img_prefix: str | None = None, exclude:
     ``exclude``: a folder never listed from inside a folder input (the output folder). ``check_files``: look at
     each file's first and last bytes (:func:`raydet.data.datasets.image_file_problem`: missing, empty, not an
     image, truncated JPEG; threads, no decoding) and move the failures to ``problems``. Raises FileNotFoundError
-    for an input path that does not exist and ValueError for an input that yields no image.
+    for an input path that does not exist and ValueError for an input that yields no image. Inputs may be URIs
+    (see the module docstring).
     """
     if not inputs:
         raise ValueError("no input given")
-    exclude = os.path.realpath(exclude) if exclude else None
+    exclude = (exclude if fileio.is_uri(exclude) else os.path.realpath(exclude)) if exclude else None
     jsons = [p for p in inputs if p.lower().endswith(".json")]
     if jsons:
         if len(inputs) > 1:
             raise ValueError(f"a COCO json input ({jsons[0]}) must be the only input")
-        if not os.path.isfile(jsons[0]):
-            raise FileNotFoundError(f"input not found: {jsons[0]}")
+        if not fileio.isfile(jsons[0]):
+            raise _input_not_found(jsons[0])
         entries = _read_coco_images(jsons[0], img_prefix)
-        coco_json = os.path.abspath(jsons[0])
+        coco_json = jsons[0] if fileio.is_uri(jsons[0]) else os.path.abspath(jsons[0])
     else:
         if img_prefix is not None:
             raise ValueError("--img-prefix only applies to a COCO json input")
         paths: list[str] = []
         for item in inputs:
-            if os.path.isdir(item):
+            if fileio.is_uri(item):
+                paths += _uri_input(item, exclude)
+            elif os.path.isdir(item):
                 found = _walk_folder(item, exclude)
                 if not found:
                     raise ValueError(f"{item}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
@@ -201,10 +269,11 @@ def collect_images(inputs: list[str], *, img_prefix: str | None = None, exclude:
                 raise FileNotFoundError(f"input not found: {item}")
         seen, entries = set(), []
         for p in paths:
-            key = os.path.realpath(p)
+            key = p if fileio.is_uri(p) else os.path.realpath(p)
             if key not in seen:
                 seen.add(key)
-                entries.append({"image_id": len(entries) + 1, "path": os.path.abspath(p), "height": 0, "width": 0})
+                entries.append({"image_id": len(entries) + 1, "path": p if fileio.is_uri(p) else os.path.abspath(p),
+                                "height": 0, "width": 0})
         if len(entries) < len(paths):
             log.info("dropped %d duplicate image paths", len(paths) - len(entries))
         coco_json = None
@@ -214,7 +283,8 @@ def collect_images(inputs: list[str], *, img_prefix: str | None = None, exclude:
 
         from raydet.data.datasets import image_file_problem  # the readers' check_images probe
 
-        with ThreadPoolExecutor(max_workers=16) as pool:
+        remote = any(fileio.is_uri(e["path"]) for e in entries)
+        with ThreadPoolExecutor(max_workers=64 if remote else 16) as pool:  # requests to a bucket: waiting
             found = list(pool.map(image_file_problem, [e["path"] for e in entries]))
     else:
         found = [None] * len(entries)
@@ -228,6 +298,35 @@ def collect_images(inputs: list[str], *, img_prefix: str | None = None, exclude:
         names.add(name)
         images.append({**e, "index": len(images), "name": name})
     return ImageSet(images, coco_json, problems)
+
+
+def _input_not_found(item: str) -> FileNotFoundError:
+    """``input not found: <item>``; for a URI, whether its bucket exists."""
+    if fileio.is_uri(item):
+        return fileio.StorageNotFoundError(f"input not found: {item} ({fileio.not_found_error(item).reason})")
+    return FileNotFoundError(f"input not found: {item}")
+
+
+def _uri_input(item: str, exclude: str | None) -> list[str]:
+    """The image URIs of one URI input: an image, a list file, a glob pattern or a folder (a prefix)."""
+    if fileio.isfile(item):
+        if item.lower().endswith(LIST_EXTENSIONS):
+            return _read_list_file(item)
+        if _is_image(item):
+            return [item]
+        raise ValueError(f"{item}: not an image ({' '.join(IMAGE_EXTENSIONS)}), an image list "
+                         f"({' '.join(LIST_EXTENSIONS)}) or a COCO json")
+    if _GLOB_CHARS & set(item.split("://", 1)[1]):
+        found = [p for p in _glob_uri(item) if _is_image(p)]
+        if not found:
+            raise ValueError(f"{item}: the pattern matches no image file")
+        return found
+    if fileio.isdir(item):
+        found = _walk_uri(item, exclude)
+        if not found:
+            raise ValueError(f"{item}: no image files ({' '.join(IMAGE_EXTENSIONS)}) in this folder")
+        return found
+    raise _input_not_found(item)
 
 
 # --------------------------------------------------------------------------------------------------- pipeline
@@ -436,8 +535,14 @@ class DetectionPredictor:
                     rows[i]["masks"] = " ".join(bitmap_to_rle(m)["counts"] for m in masks)
                 vis_path = str(batch["vis_path"][i])
                 if vis_path:
-                    drawn = draw_detections(image, boxes, scores, labels, self.classes, self.score_thr, masks)
-                    if not cv2.imwrite(vis_path, cv2.cvtColor(drawn, cv2.COLOR_RGB2BGR)):
+                    drawn = cv2.cvtColor(draw_detections(image, boxes, scores, labels, self.classes, self.score_thr,
+                                                         masks), cv2.COLOR_RGB2BGR)
+                    if fileio.is_uri(vis_path):  # encoded here, written to the bucket by this actor
+                        ok, png = cv2.imencode(".png", drawn)
+                        if not ok:
+                            raise OSError(f"cannot encode {vis_path}")
+                        fileio.write_bytes(vis_path, png.tobytes())
+                    elif not cv2.imwrite(vis_path, drawn):
                         raise OSError(f"cannot write {vis_path}")
         return rows_to_columns(rows)
 
@@ -575,7 +680,7 @@ def _input_dataset(images: list[dict], vis_dir: str | None, batch_size: int):
             "path": pa.array([im["path"] for im in chunk], pa.string()),
             "height": pa.array([im["height"] for im in chunk], pa.int64()),
             "width": pa.array([im["width"] for im in chunk], pa.int64()),
-            "vis_path": pa.array([os.path.join(vis_dir, im["name"] + ".png") if vis_dir else "" for im in chunk],
+            "vis_path": pa.array([fileio.join(vis_dir, im["name"] + ".png") if vis_dir else "" for im in chunk],
                                  pa.string()),
         }))
     return ray.data.from_arrow(tables)
@@ -628,6 +733,9 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     transforms = inference_pipeline(cfg)
     with build_context(file=cfg.path, origins=cfg.origins):
         build_transforms(transforms)
+    remote = fileio.is_uri(out_dir)
+    if remote:  # fails now, naming the URI, when the bucket does not exist or cannot be listed
+        fileio.list_files(out_dir)
     image_set = collect_images(inputs, img_prefix=img_prefix, exclude=out_dir)
     problems = [("bad_image_file", f"image id {iid}: {why}: {p}") for iid, p, why in image_set.problems]
     if problems and on_error == "fail":
@@ -643,14 +751,15 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     with_masks = bool(getattr(getattr(model, "roi_head", None), "with_mask", False))
     del model
 
-    os.makedirs(out_dir, exist_ok=True)
-    vis_dir = os.path.join(os.path.abspath(out_dir), "vis") if draw else None
+    vis_dir = fileio.join(out_dir if remote else os.path.abspath(out_dir), "vis") if draw else None
+    fileio.makedirs(out_dir)
     if vis_dir:
-        os.makedirs(vis_dir, exist_ok=True)
+        fileio.makedirs(vis_dir)
 
     init_ray()
     if vis_dir:  # drawn by the actors, on any node
-        check_shared_storage(os.path.abspath(out_dir), "--out", cluster_node_count(), sections.runtime.shared_storage)
+        check_shared_storage(out_dir if remote else os.path.abspath(out_dir), "--out", cluster_node_count(),
+                             sections.runtime.shared_storage)
     num_actors, gpus_per_actor, cpus_per_actor = _resources(num_actors, gpus_per_actor, cpus_per_actor)
     start = time.perf_counter()
     weights_ref = ray.put({k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in state["model"].items()})
@@ -675,6 +784,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     ds.context.enable_progress_bars = progress
 
     outputs: dict[str, str] = {}
+    folder = fileio.MirroredFolder(out_dir, prefix="raydet-infer-")  # the result files; copied to a URI at the end
     writers: list = []
     json_writer = parquet_writer = None
     done: list[dict] = []
@@ -682,10 +792,10 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     stream = iter(ds.iter_batches(batch_size=None, batch_format="numpy"))
     try:
         if "coco" in formats:
-            json_writer = _JsonArrayWriter(os.path.join(out_dir, "results.json"))
+            json_writer = _JsonArrayWriter(folder.path("results.json"))
             writers.append(json_writer)
         if "parquet" in formats:
-            parquet_writer = _ParquetWriter(os.path.join(out_dir, "results.parquet"), with_masks)
+            parquet_writer = _ParquetWriter(folder.path("results.parquet"), with_masks)
             writers.append(parquet_writer)
         for cols in stream:
             for i in range(len(cols["index"])):
@@ -715,6 +825,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     except BaseException:
         for wr in writers:
             wr.abort()
+        folder.close(upload=False)
         raise
     finally:
         close = getattr(stream, "close", None)
@@ -724,14 +835,14 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
         wr.close()
     seconds = time.perf_counter() - start
     if json_writer is not None:
-        outputs["results"] = json_writer.path
+        outputs["results"] = folder.uri("results.json")
     if parquet_writer is not None:
-        outputs["parquet"] = parquet_writer.path
+        outputs["parquet"] = folder.uri("results.parquet")
     if image_set.coco_json is None:
-        images_json = os.path.join(out_dir, "images.json")
-        with open(images_json, "w") as f:
+        with open(folder.path("images.json"), "w") as f:
             json.dump({"images": done, "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, classes)]}, f)
-        outputs["images"] = images_json
+        outputs["images"] = folder.uri("images.json")
+    folder.close()  # a URI --out: the files are copied there now
     if vis_dir:
         outputs["vis"] = vis_dir
     if problems:
@@ -788,8 +899,8 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.pipeline, args.set)
         sections = parse_sections(cfg)
-        out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
-               else os.path.join(work_dir_of(cfg, sections), "infer"))
+        out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out", allow_uri=True)
+               if args.out else fileio.join(work_dir_of(cfg, sections, allow_uri=True), "infer"))
         summary = infer(cfg, args.checkpoint, args.inputs, out, formats=args.format, draw=args.draw,
                         score_thr=args.score_thr, batch_size=args.batch_size, num_actors=args.num_actors,
                         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
@@ -799,7 +910,7 @@ def main(argv=None) -> int:
         from raydet.errors import report_failure
 
         release_ray()  # no actor output after the error line
-        return report_failure(exc, out if out and os.path.isdir(out) else None, "infer")
+        return report_failure(exc, out if out and (fileio.is_uri(out) or os.path.isdir(out)) else None, "infer")
     paths = ", ".join(summary["outputs"].values())
     print(f"raydet infer: {summary['images']} images ({summary['skipped']} skipped), {summary['detections']} "
           f"detections in {summary['seconds']:.1f} s ({summary['images_per_s']:.2f} images/s, actor start-up "

@@ -2,6 +2,7 @@
 
 The images stream through the same Ray Data pipeline as in training; the Ray Train workers each predict their share,
 rank 0 gathers the predictions, writes the COCO result json and a metrics file, and the driver prints the table.
+The checkpoint, the pipeline's data and ``--out`` may be in object storage (``s3://``, ``gs://``: :mod:`raydet.fileio`).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 
+from raydet import fileio
 from raydet.config import Config, load_config
 from raydet.engine.checkpoint import load_checkpoint, load_model_weights
 from raydet.engine.hooks import EvalHook, ProgressBarHook
@@ -39,7 +41,7 @@ def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, ou
     state = load_checkpoint(checkpoint, map_location="cpu")
     load_model_weights(model, state["model"], str(checkpoint))
     model.to(device)
-    results_file = os.path.join(out_dir, "results.json") if out_dir else None
+    results_file = fileio.join(out_dir, "results.json") if out_dir else None
     evaluator = DatasetEvaluator.from_settings(dataset, sections.evaluation, results_file=results_file)
     hooks = [EvalHook(evaluator)] + ([ProgressBarHook()] if sections.runtime.progress is True else [])
     return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0, hooks=hooks,
@@ -58,8 +60,7 @@ def eval_loop_per_worker(config: dict) -> dict:
                                      rank=rank, world_size=world)
     runner.val()
     if rank == 0 and config["out_dir"]:
-        with open(os.path.join(config["out_dir"], "metrics.json"), "w") as f:
-            json.dump(runner.metrics, f, indent=2)
+        fileio.write_text(fileio.join(config["out_dir"], "metrics.json"), json.dumps(runner.metrics, indent=2))
     return {"metrics": runner.metrics}
 
 
@@ -76,23 +77,28 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     if getattr(sections.data, split) is None:
         raise ConfigError(f"{cfg.path}: data.{split}: the pipeline has no {split} dataset")
     dataset = build_datasets(cfg, sections, splits=(split,))[split]
-    out_dir = os.path.abspath(out_dir) if out_dir else None
-    storage = os.path.join(out_dir or work_dir_of(cfg, sections), "ray")
+    out_dir = _absolute(out_dir) if out_dir else None
+    storage = fileio.join(out_dir or work_dir_of(cfg, sections, allow_uri=True), "ray")
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+        fileio.makedirs(out_dir)
     init_ray()
     check_cluster_resources(sections)
     check_shared_storage(storage, "--out", cluster_node_count(), sections.runtime.shared_storage)
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
-                           "dataset": [ray.put(dataset)], "checkpoint": os.path.abspath(str(checkpoint)),
-                           "out_dir": os.path.abspath(out_dir) if out_dir else None},
+                           "dataset": [ray.put(dataset)], "checkpoint": _absolute(str(checkpoint)),
+                           "out_dir": out_dir},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
                              storage_path=storage, **train_run_config_kwargs()))
     result = trainer.fit()
     return (result.return_value or {}).get("metrics", {})
+
+
+def _absolute(path: str) -> str:
+    """An absolute local path, or the URI as it is."""
+    return path if fileio.is_uri(path) else os.path.abspath(path)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -124,12 +130,12 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.pipeline, args.set)
         sections = parse_sections(cfg)
-        out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out") if args.out
-               else os.path.join(work_dir_of(cfg, sections), "test"))
+        out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out", allow_uri=True)
+               if args.out else fileio.join(work_dir_of(cfg, sections, allow_uri=True), "test"))
         metrics = evaluate(cfg, args.checkpoint, split=args.split, out_dir=out)
     except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
         release_ray()  # no worker output after the error line
-        return report_failure(exc, out if out and os.path.isdir(out) else None, "test")
+        return report_failure(exc, out if out and (fileio.is_uri(out) or os.path.isdir(out)) else None, "test")
     print(format_metrics(metrics))
     print(f"results and metrics written to {out}")
     return 0

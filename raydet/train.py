@@ -8,7 +8,8 @@ dataset runs.
 
 Outputs go to a run folder in the work dir (see :mod:`raydet.workspace`: where a relative work dir resolves under
 ``ray job submit``, and the layout). ``--resume`` continues the latest checkpoint of the pipeline's runs in the work
-dir, in that checkpoint's run folder; ``--resume PATH`` continues from a given checkpoint.
+dir, in that checkpoint's run folder; ``--resume PATH`` continues from a given checkpoint. The work dir, the data
+and the checkpoint to resume may be in object storage (``s3://``, ``gs://``: :mod:`raydet.fileio`).
 """
 from __future__ import annotations
 
@@ -31,8 +32,9 @@ from raydet.commands.runner_builder import build_runner, worker_setup
 from raydet.commands.sections import build_datasets, resolve_progress, work_dir_of
 from raydet.commands.validation import validate_pipeline
 from raydet.config import Config, load_config
+from raydet import fileio
 from raydet.engine.checkpoint import load_checkpoint
-from raydet.engine.hooks import CHECKPOINT_SCORE, EpochGateHook
+from raydet.engine.hooks import CHECKPOINT_SCORE, EpochGateHook, LoggerHook, WorkDirSyncHook
 from raydet.errors import keep_traceback, report_failure, wrapped_errors
 from raydet.registry import ConfigError
 from raydet.workspace import (CHECKPOINT_INFO_FILE, check_shared_storage, checkpoint_record, cluster_node_count,
@@ -51,7 +53,8 @@ QUICKSTART = Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yam
 @keep_traceback  # the driver reports a failure with the worker's full traceback
 def train_loop_per_worker(config: dict) -> dict:
     """Ray Train worker entry point: config carries the resolved pipeline, an object ref to the datasets, the run
-    folder, and the checkpoint to resume from (None for a new run)."""
+    folder, and the checkpoint to resume from (None for a new run). Rank 0 writes the run's files; into a scratch
+    folder copied to the run folder when that is a URI (:class:`~raydet.engine.hooks.WorkDirSyncHook`)."""
     import json
     import tempfile
 
@@ -77,13 +80,19 @@ def train_loop_per_worker(config: dict) -> dict:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          delete_local_checkpoint_after_upload=True)
 
-    run_dir = config["run_dir"]
-    gate = [EpochGateHook(config["gate_dir"])] if config.get("gate_dir") else []
+    # the run folder, or a scratch folder mirrored to it when it is a URI (the log of a resumed run goes on)
+    folder = fileio.MirroredFolder(config["run_dir"], download=("log.jsonl",), prefix="raydet-run-") \
+        if rank == 0 else None
+    hooks = [EpochGateHook(config["gate_dir"])] if config.get("gate_dir") else []
+    if folder is not None and folder.remote:
+        hooks.append(WorkDirSyncHook(folder))
     wrap = ray.train.torch.prepare_model if world > 1 or device.type == "cuda" else None
     runner = build_runner(cfg, datasets, device=device, rank=rank, world_size=world, report=report,
-                          work_dir=run_dir if rank == 0 else None, wrap_model=wrap, sections=sections,
-                          extra_hooks=gate)
+                          work_dir=folder.local if folder is not None else None, wrap_model=wrap, sections=sections,
+                          extra_hooks=hooks)
     runner.train_loader, runner.val_loader = ray_loaders(datasets, sections, rank, world, runner.iters_per_epoch)
+    if folder is not None and folder.remote:
+        runner.get_hook(LoggerHook).destination = folder.target  # the log names the run folder, not the scratch
     # a restart of this command's worker group (scaling.max_failures) continues from Ray's latest checkpoint; the
     # command's first start from the checkpoint it was asked to resume
     checkpoint = ray.train.get_checkpoint()
@@ -97,11 +106,30 @@ def train_loop_per_worker(config: dict) -> dict:
         runner.load_state_dict(state, source=str(source))
         log.info("resumed from %s at epoch %d (iteration %d)", source, runner.epoch, runner.iter)
         if rank == 0:
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+            with open(folder.path("log.jsonl"), "a") as f:
                 f.write(json.dumps({"mode": "resume", "epoch": runner.epoch, "iter": runner.iter,
-                                    "checkpoint": str(source)}) + "\n")
-    runner.run()
+                                    "checkpoint": _storage_uri(config["run_dir"], str(source))}) + "\n")
+    finished = False
+    try:
+        runner.run()
+        finished = True
+    finally:
+        if folder is not None:  # the files so far reach the bucket, also when the run fails
+            try:
+                folder.close()
+            except Exception as exc:  # noqa: BLE001  (the run's own error is the one to report)
+                if finished:
+                    raise
+                log.warning("could not copy the run's files to %s: %s", folder.target, exc)
     return {"metrics": runner.metrics, "epoch": runner.epoch, "iter": runner.iter}
+
+
+def _storage_uri(run_dir: str, path: str) -> str:
+    """A path Ray Train gives for a checkpoint in the run folder's storage as the user names it: Ray's paths in
+    object storage lack the scheme (``bucket/key``), so ``s3://bucket/key`` when the run folder is a URI."""
+    if fileio.is_uri(run_dir) and not fileio.is_uri(path):
+        return f"{run_dir.split('://', 1)[0]}://{path.lstrip('/')}"
+    return path
 
 
 # --------------------------------------------------------------------------------------------------- driver
@@ -205,13 +233,13 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
     datasets = build_datasets(cfg, sections)
     init_ray()
     check_cluster_resources(sections)
-    run_dir = os.path.abspath(run_dir)
+    run_dir = run_dir if fileio.is_uri(run_dir) else os.path.abspath(run_dir)
     check_shared_storage(run_dir, "work_dir", cluster_node_count(), sections.runtime.shared_storage)
-    os.makedirs(run_dir, exist_ok=True)
-    cfg.dump(os.path.join(run_dir, "pipeline.yaml"))
+    fileio.makedirs(run_dir)
+    fileio.write_text(fileio.join(run_dir, "pipeline.yaml"), cfg.to_yaml())
     ck = sections.checkpoint
     run_config = RunConfig(
-        name=new_attempt_name(), storage_path=os.path.join(run_dir, "ray"),
+        name=new_attempt_name(), storage_path=fileio.join(run_dir, "ray"),
         failure_config=FailureConfig(max_failures=sections.scaling.max_failures),
         callbacks=[*callbacks, RestartNotice(sections.scaling.max_failures)],
         checkpoint_config=CheckpointConfig(
@@ -222,7 +250,8 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                            "datasets": [ray.put(datasets)], "run_dir": run_dir,
-                           "resume_from": os.path.abspath(resume_from) if resume_from else None,
+                           "resume_from": (resume_from if fileio.is_uri(str(resume_from)) else
+                                           os.path.abspath(resume_from)) if resume_from else None,
                            "gate_dir": gate_dir},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=run_config)
@@ -235,6 +264,9 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
         # and exits; the command reports it as an interrupt
         raise KeyboardInterrupt from None
     except Exception as exc:
+        if any(_STORAGE_FAILURE in str(e) for e in wrapped_errors(exc)) and fileio.is_uri(run_dir):
+            raise ConfigError(f"work_dir: {run_dir}: Ray Train cannot write its checkpoints there; check the bucket "
+                              f"and that every node has credentials for it ({fileio.CREDENTIALS_HINT})") from None
         if any(_STORAGE_FAILURE in str(e) for e in wrapped_errors(exc)):
             raise ConfigError(f"work_dir: {run_dir}: Ray Train's workers cannot reach it from every node; set "
                               f"runtime.work_root or RAYDET_WORK_ROOT (or work_dir) to storage every node mounts "
@@ -278,12 +310,12 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(pipeline, args.set)
         sections = validate_pipeline(cfg)
-        plan = prepare_run(work_dir_of(cfg, sections, args.work_dir), args.resume)
+        plan = prepare_run(work_dir_of(cfg, sections, args.work_dir, allow_uri=True), args.resume)
         log.info("raydet: %s", plan.note)
         result = fit(cfg, run_dir=plan.run_dir, resume_from=plan.resume_from, allow_changes=args.allow_changes)
     except KeyboardInterrupt:
         _discard_if_empty(plan)
-        where = f" in {plan.run_dir}" if plan and os.path.isdir(plan.run_dir) else ""
+        where = f" in {plan.run_dir}" if plan and _isdir(plan.run_dir) else ""
         print(f"\nraydet: interrupted; the checkpoints written so far are kept{where}. Continue with: "
               f"python -m raydet.train {pipeline} --resume" + (f" --work-dir {plan.work_dir}" if args.work_dir else ""),
               file=sys.stderr)
@@ -291,7 +323,7 @@ def main(argv=None) -> int:
     except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
         release_ray()  # no worker output after the error line
         _discard_if_empty(plan)
-        folder = next((d for d in (plan.run_dir, plan.work_dir) if os.path.isdir(d)), None) if plan else None
+        folder = next((d for d in (plan.run_dir, plan.work_dir) if _isdir(d)), None) if plan else None
         return report_failure(exc, folder, "train")
     out = result.return_value or {}
     metrics = out.get("metrics") or {}
@@ -300,8 +332,16 @@ def main(argv=None) -> int:
         print(format_coco_table(metrics) if any(k.split("/")[0] in ("bbox", "segm") for k in metrics)
               else "\n".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     if result.checkpoint is not None:
-        print(f"latest checkpoint: {result.checkpoint.path}")
+        print(f"latest checkpoint: {_storage_uri(plan.run_dir, result.checkpoint.path)}")
     return 0
+
+
+def _isdir(path: str) -> bool:
+    """Whether a folder exists (a URI: has objects), False when that cannot be found out."""
+    try:
+        return fileio.isdir(path)
+    except OSError:
+        return False
 
 
 if __name__ == "__main__":

@@ -25,6 +25,14 @@ otherwise against the current directory. A work dir that still lands in a Ray-ow
 restart, so on a cluster of more than one node the work dir must be storage that every node mounts (NFS, EFS,
 Filestore, Lustre, a FUSE-mounted bucket ...). A node-local file system (ext4, xfs, overlay, tmpfs ...) is an error
 naming the key to set; ``runtime.shared_storage: true`` declares a path shared that raydet does not recognise.
+
+**Object storage.** ``raydet train``, ``test`` and ``infer`` also take a URI (``s3://bucket/runs``, ``gs://...``) as
+the work dir, ``--work-dir`` / ``--out``, ``runtime.work_root`` or ``RAYDET_WORK_ROOT`` (a relative work dir under a
+URI root becomes a URI): every node reaches it. Ray Train writes the checkpoints there itself
+(``RunConfig(storage_path=<run folder>/ray)``); raydet's own files (``pipeline.yaml``, ``log.jsonl``, ``tb/``,
+``curves.png``, an ``error-*.txt``) are written into a scratch folder on the node that writes them and copied to the
+run folder (:class:`raydet.fileio.MirroredFolder`; when, see :class:`raydet.engine.hooks.WorkDirSyncHook`).
+``--resume`` finds the checkpoints by listing the URI. Other commands (``raydet tune``, ``benchmark``) refuse a URI.
 """
 from __future__ import annotations
 
@@ -35,6 +43,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from raydet import fileio
 from raydet.registry import ConfigError
 
 __all__ = ["WORK_ROOT_ENV", "DEFAULT_WORK_ROOT", "SHARED_FILESYSTEMS", "CHECKPOINT_INFO_FILE", "ray_owned_folder",
@@ -71,11 +80,11 @@ def ray_owned_folder(path: str | os.PathLike) -> str | None:
 
 
 def _is_uri(path: str) -> bool:
-    return bool(re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", path))
+    return fileio.is_uri(path)
 
 
 def resolve_work_dir(work_dir: str | os.PathLike, *, work_root: str | None = None, key: str = "work_dir",
-                     cwd: str | None = None) -> str:
+                     cwd: str | None = None, allow_uri: bool = False) -> str:
     """The absolute folder a command writes to (see the module docstring for the rule).
 
     Args:
@@ -83,20 +92,27 @@ def resolve_work_dir(work_dir: str | os.PathLike, *, work_root: str | None = Non
         work_root: ``runtime.work_root`` of the pipeline, if set.
         key: what to name in errors (``work_dir``, ``--out`` ...).
         cwd: the directory relative paths mean (default: the current one).
+        allow_uri: the command writes to object storage too (``train``, ``test``, ``infer``): a URI work dir, or a
+            relative one under a URI root, is returned as a URI (without a trailing ``/``).
 
     Raises:
-        ConfigError: a URI (object storage is not supported as a work dir yet), or a folder inside one Ray owns.
+        ConfigError: a URI where ``allow_uri`` is false, or a folder inside one Ray owns.
     """
     text = os.fspath(work_dir)
-    for name, value in ((key, text), ("runtime.work_root", work_root or ""), (WORK_ROOT_ENV,
-                                                                            os.environ.get(WORK_ROOT_ENV, ""))):
-        if value and _is_uri(value):
-            raise ConfigError(f"{name}: {value}: a URI is not supported as a work dir yet; use a file-system path "
-                              f"(on a cluster, a shared mount such as NFS, EFS or Filestore)")
+    if not allow_uri:
+        for name, value in ((key, text), ("runtime.work_root", work_root or ""),
+                            (WORK_ROOT_ENV, os.environ.get(WORK_ROOT_ENV, ""))):
+            if value and _is_uri(value):
+                raise ConfigError(f"{name}: {value}: a URI is not supported as a work dir yet by this command; use a "
+                                  f"file-system path (on a cluster, a shared mount such as NFS, EFS or Filestore)")
+    if _is_uri(text):
+        return text.rstrip("/")
     cwd = os.path.abspath(cwd or os.getcwd())
     path = os.path.expanduser(text)
     if not os.path.isabs(path):
         root = work_root or os.environ.get(WORK_ROOT_ENV)
+        if root and _is_uri(root):
+            return fileio.join(root, text).rstrip("/")
         if root:
             base = os.path.join(cwd, os.path.expanduser(root))
         elif ray_owned_folder(cwd):
@@ -153,7 +169,7 @@ def check_shared_storage(path: str, key: str, num_nodes: int, declared_shared: b
     Raises:
         ConfigError: naming ``key``, the path, its file system and what to set instead.
     """
-    if num_nodes <= 1 or declared_shared:
+    if num_nodes <= 1 or declared_shared or _is_uri(path):  # object storage: every node reaches it
         return
     point, fstype = mount_of(path, mounts_file)
     if _is_shared(fstype):
@@ -168,8 +184,17 @@ def check_shared_storage(path: str, key: str, num_nodes: int, declared_shared: b
 
 # --------------------------------------------------------------------------------------------------- runs
 def new_run_dir(work_dir: str) -> str:
-    """A new, empty run folder ``<work_dir>/<YYYYmmdd_HHMMSS>`` (a suffix keeps two runs of one second apart)."""
+    """A new, empty run folder ``<work_dir>/<YYYYmmdd_HHMMSS>`` (a suffix keeps two runs of one second apart). In
+    object storage, where a folder is only a prefix, a name that no object starts with (the bucket must exist)."""
     stamp = time.strftime("%Y%m%d_%H%M%S")
+    if _is_uri(work_dir):
+        work_dir = work_dir.rstrip("/")
+        taken = {e.path[len(work_dir) + 1:].split("/", 1)[0] for e in fileio.list_files(work_dir)}
+        for k in range(1000):
+            name = stamp if k == 0 else f"{stamp}_{k}"
+            if name not in taken:
+                return fileio.join(work_dir, name)
+        raise RuntimeError(f"cannot choose a run folder in {work_dir}")
     os.makedirs(work_dir, exist_ok=True)
     for k in range(1000):
         path = os.path.join(work_dir, stamp if k == 0 else f"{stamp}_{k}")
@@ -201,9 +226,13 @@ class CheckpointRecord:
 
 
 def checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
-    """What a checkpoint file (or a Ray checkpoint folder holding ``checkpoint.pt``) is, without loading it."""
+    """What a checkpoint file (or a Ray checkpoint folder holding ``checkpoint.pt``) is, without loading it; a URI
+    too."""
     from raydet.engine.checkpoint import resolve_checkpoint
 
+    if _is_uri(os.fspath(path)):
+        file = str(resolve_checkpoint(path))
+        return _uri_checkpoint_record(file, fileio.stat(file).mtime)
     file = resolve_checkpoint(path)
     info = {}
     try:
@@ -217,8 +246,45 @@ def checkpoint_record(path: str | os.PathLike) -> CheckpointRecord:
     return CheckpointRecord(str(file), run_dir, info.get("epoch"), info.get("iter"), file.stat().st_mtime)
 
 
+def _uri_checkpoint_record(file: str, mtime: float) -> CheckpointRecord:
+    """:func:`checkpoint_record` of a ``checkpoint.pt`` URI (its ``checkpoint.json`` fetched)."""
+    info = {}
+    try:
+        info = json.loads(fileio.read_text(fileio.join(fileio.dirname(file), CHECKPOINT_INFO_FILE)))
+    except (OSError, ValueError):
+        pass
+    ray_dir = fileio.dirname(fileio.dirname(fileio.dirname(file)))  # <run>/ray/<attempt>/checkpoint_*/checkpoint.pt
+    run_dir = fileio.dirname(ray_dir) if fileio.basename(ray_dir) == "ray" else None
+    return CheckpointRecord(file, run_dir, info.get("epoch"), info.get("iter"), mtime)
+
+
+_URI_CHECKPOINT = re.compile(r"^(?:[^/]+/)?ray/[^/]+/checkpoint_[^/]+/checkpoint\.pt$")
+
+
+def _find_uri_checkpoints(folder: str) -> list[CheckpointRecord]:
+    """:func:`find_checkpoints` in object storage: one listing of the folder. A checkpoint folder without its
+    ``checkpoint.json`` (an upload cut short: Ray copies the files one by one) is left out with a warning."""
+    import logging
+
+    folder = folder.rstrip("/")
+    entries = fileio.list_files(folder)
+    names = {e.path for e in entries}
+    records = []
+    for e in entries:
+        if not _URI_CHECKPOINT.match(e.path[len(folder) + 1:]):
+            continue
+        if fileio.join(fileio.dirname(e.path), CHECKPOINT_INFO_FILE) not in names:
+            logging.getLogger("raydet").warning("skipping an incomplete checkpoint (no %s beside it): %s",
+                                                CHECKPOINT_INFO_FILE, e.path)
+            continue
+        records.append(_uri_checkpoint_record(e.path, e.mtime))
+    return sorted(records, key=lambda r: (r.mtime, r.path))
+
+
 def find_checkpoints(folder: str | os.PathLike) -> list[CheckpointRecord]:
-    """Every checkpoint of the runs in ``folder`` (a work dir, or one run folder), oldest first."""
+    """Every checkpoint of the runs in ``folder`` (a work dir, or one run folder; a URI too), oldest first."""
+    if _is_uri(os.fspath(folder)):
+        return _find_uri_checkpoints(os.fspath(folder))
     root = Path(folder)
     files = {str(p) for pattern in ("ray/*/checkpoint_*/checkpoint.pt", "*/ray/*/checkpoint_*/checkpoint.pt")
              for p in root.glob(pattern)}
@@ -233,11 +299,15 @@ def find_checkpoints(folder: str | os.PathLike) -> list[CheckpointRecord]:
 
 def latest_checkpoint(folder: str | os.PathLike) -> CheckpointRecord | None:
     """The most recently written checkpoint in ``folder`` that loads (an unreadable one, e.g. cut by a crash while
-    it was copied, is skipped with a warning), or None."""
+    it was copied, is skipped with a warning), or None. In object storage, where an object is written whole or not
+    at all, the latest complete one (see :func:`_find_uri_checkpoints`), without downloading it."""
     import logging
 
     from raydet.engine.checkpoint import CheckpointError, load_checkpoint
 
+    if _is_uri(os.fspath(folder)):
+        found = find_checkpoints(folder)
+        return found[-1] if found else None
     for record in reversed(find_checkpoints(folder)):
         try:
             load_checkpoint(record.path, mmap=True)

@@ -3,6 +3,11 @@
 ``ray_session``: one local Ray instance (2 CPUs, 2 units of the custom resource ``cpu_node``, no dashboard) for the
 whole test session; tests that need Ray take it as an argument. Start-up costs several seconds, so it is created
 once and shut down at the end.
+
+Object storage: ``tests/test_object_storage.py`` serves S3 (moto's server) on ``127.0.0.1:$RAYDET_TEST_S3_PORT``.
+Ray's workers inherit the environment of the process that starts Ray, and the one Ray instance may start before that
+module runs, so the session sets the endpoint and fake credentials first: no test reaches a cloud, and every Ray
+worker and actor reads the test server.
 """
 from __future__ import annotations
 
@@ -18,9 +23,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+S3_PORT_ENV = "RAYDET_TEST_S3_PORT"
+
+
 def pytest_configure(config):
     # Ray Data's DataContext.copy() re-sets deprecated fields and warns about them on every dataset: not ours.
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:ray.data.context")
+    # the test S3 server's endpoint and fake credentials, before anything starts Ray (see the module docstring)
+    port = os.environ.setdefault(S3_PORT_ENV, str(_free_port()))
+    os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "raydet-test",
+                       "AWS_SECRET_ACCESS_KEY": "raydet-test", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
 
 
 @pytest.fixture(scope="session")

@@ -58,13 +58,20 @@ def build_from_pipeline(name: str, overrides=()):
 def test_every_pipeline_builds_its_model(name):
     model = build_from_pipeline(name)
     expected = {"faster": "FasterRCNN", "mask": "MaskRCNN", "retinanet": "RetinaNet", "rpn": "RPN",
-                "quickstart.yaml": "FasterRCNN"}
-    assert type(model).__name__ == expected[name.split("_")[0]]
+                "quickstart.yaml": "FasterRCNN", "fcos": "FCOS", "ssd300": "SSD", "ssd512": "SSD",
+                "fsaf": "FSAF"}
+    kind = name.split("_")[1] if name.startswith("ga_") else name.split("_")[0]  # ga_<detector>_...: guided anchors
+    assert type(model).__name__ == expected[kind]
     num_classes = 20 if "voc" in name else 3 if name == "quickstart.yaml" else 80
     if hasattr(model, "roi_head"):
         assert model.roi_head.bbox_head.fc_cls.out_features == num_classes + 1
-    if hasattr(model, "bbox_head"):
-        assert model.bbox_head.retina_cls.out_channels == 9 * num_classes
+    if hasattr(model, "bbox_head") and hasattr(model.bbox_head, "retina_cls"):
+        anchors = 1 if name.startswith(("ga_", "fsaf_")) else 9  # guided anchoring, FSAF: one per location
+        assert model.bbox_head.retina_cls.out_channels == anchors * num_classes
+    if type(model).__name__ == "FCOS":  # one point per location: C class logits, 4 distances, 1 centre-ness
+        assert (model.bbox_head.conv_cls.out_channels, model.bbox_head.conv_reg.out_channels) == (num_classes, 4)
+    if type(model).__name__ == "SSD":  # softmax over the classes and the background, 4 priors on conv4_3
+        assert model.bbox_head.cls_convs[0][0].out_channels == 4 * (num_classes + 1)
 
 
 def test_faster_rcnn_r50_fpn_has_the_reference_parameter_count():

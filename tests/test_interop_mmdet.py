@@ -1,17 +1,19 @@
-"""MMDetection checkpoints convert onto raydet's R-50-FPN pipelines exactly, and back (``raydet convert --from mmdet``).
+"""MMDetection checkpoints convert onto raydet's pipelines exactly, and back (``raydet convert --from mmdet``).
 
 The reference is MMDetection's own model definitions: ``tests/fixtures/interop/mmdet/<config>.json`` lists the
 ``[key, shape]`` of ``model.state_dict()`` and the parameter count of each model as MMDetection 3.3.0 builds it from
 its config (written once by ``tests/fixtures/interop/make_mmdet_fixtures.py``; MMDetection is not needed here). Each
 test fills those keys with random tensors (fixed seed) and checks where they land against the correspondences
-written by hand below (MMDetection's mmcv ``ConvModule`` nesting, FPN extra levels, the box head's FCs), that nothing
-is left over or missing, that the result loads strictly, and that :func:`~raydet.interop.mmdet.to_mmdet` gives back
-exactly the same tensors. No network.
+written by hand below (MMDetection's mmcv ``ConvModule`` nesting, FPN extra levels, the box head's FCs, an RPN's
+``bbox_head``, SSD's prior order), that nothing is left over or missing, that the result loads strictly, that the
+parameter count is MMDetection's, and that :func:`~raydet.interop.mmdet.to_mmdet` gives back exactly the same tensors.
+No network.
 """
 from __future__ import annotations
 
 import functools
 import json
+import math
 import pickle
 import re
 import sys
@@ -26,7 +28,7 @@ from raydet.config import load_config
 from raydet.engine.checkpoint import load_checkpoint, load_model_weights
 from raydet.interop import ConversionError, convert_checkpoint, convert_state_dict
 from raydet.interop.convert import load_source, source_class_names
-from raydet.interop.mmdet import convert_mmdet, to_mmdet
+from raydet.interop.mmdet import convert_mmdet, ssd_prior_order, to_mmdet
 from raydet.interop.torchvision import coco_slots
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +39,14 @@ PIPELINES = {
     "mask-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "mask_rcnn_r50_fpn_1x_coco.yaml",
     "retinanet_r50_fpn_1x_coco": ROOT / "pipelines" / "retinanet_r50_fpn_1x_coco.yaml",
     "rpn_r50_fpn_1x_coco": ROOT / "pipelines" / "rpn_r50_fpn_1x_coco.yaml",
+    "ssd300_coco": ROOT / "pipelines" / "ssd300_coco.yaml",
+    "ssd512_coco": ROOT / "pipelines" / "ssd512_coco.yaml",
+    "fsaf_r50_fpn_1x_coco": ROOT / "pipelines" / "fsaf_r50_fpn_1x_coco.yaml",
+    "fcos_r50-caffe_fpn_gn-head_1x_coco": ROOT / "pipelines" / "fcos_r50_caffe_fpn_gn-head_1x_coco.yaml",
+    "retinanet_r50_fpn_ghm-1x_coco": ROOT / "pipelines" / "retinanet_ghm_r50_fpn_1x_coco.yaml",
+    "ga-retinanet_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ga_retinanet_r50_caffe_fpn_1x_coco.yaml",
+    "ga-rpn_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ga_rpn_r50_caffe_fpn_1x_coco.yaml",
+    "ga-faster-rcnn_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ga_faster_r50_caffe_fpn_1x_coco.yaml",
 }
 _, COCO_NAMES, _ = coco_slots()
 
@@ -72,6 +82,51 @@ EXPECTED = {
         **BACKBONE, **NECK,
         "bbox_head.rpn_conv.weight": "rpn_head.rpn_conv.weight",
         "bbox_head.rpn_reg.bias": "rpn_head.rpn_reg.bias"},
+    # SSD: VGG and SSDNeck keep their names; the head convs change their prior order (test_ssd_prior_order_...)
+    "ssd300_coco": {"backbone.features.0.weight": "backbone.features.0.weight",
+                    "backbone.features.33.bias": "backbone.features.33.bias",  # fc7
+                    "neck.l2_norm.weight": "neck.l2_norm.weight",
+                    "neck.extra_layers.3.1.conv.bias": "neck.extra_layers.3.1.conv.bias"},
+    "ssd512_coco": {"neck.extra_layers.4.1.conv.weight": "neck.extra_layers.4.1.conv.weight"},  # the 4x4 conv
+    "fsaf_r50_fpn_1x_coco": {  # RetinaNet's towers and FPN, one prior per location
+        **BACKBONE, **NECK,
+        "neck.fpn_convs.3.conv.weight": "neck.extra_convs.0.0.weight",
+        "bbox_head.cls_convs.3.conv.weight": "bbox_head.cls_convs.6.weight",
+        "bbox_head.retina_reg.bias": "bbox_head.retina_reg.bias"},
+    "fcos_r50-caffe_fpn_gn-head_1x_coco": {  # GN towers: conv i -> 3 i, its GN -> 3 i + 1 (conv, GN, ReLU)
+        **BACKBONE, **NECK,
+        "neck.fpn_convs.4.conv.weight": "neck.extra_convs.1.0.weight",  # P7 from P6 (P6 from P5's output)
+        "bbox_head.cls_convs.0.conv.weight": "bbox_head.cls_convs.0.weight",
+        "bbox_head.cls_convs.1.gn.weight": "bbox_head.cls_convs.4.weight",
+        "bbox_head.reg_convs.3.conv.weight": "bbox_head.reg_convs.9.weight",
+        "bbox_head.reg_convs.3.gn.bias": "bbox_head.reg_convs.10.bias",
+        "bbox_head.conv_centerness.bias": "bbox_head.conv_centerness.bias",
+        "bbox_head.scales.4.scale": "bbox_head.scales.4.scale"},
+    "retinanet_r50_fpn_ghm-1x_coco": {  # the GHM losses' bins and running counts are buffers on both sides
+        **BACKBONE, **NECK,
+        "bbox_head.loss_cls.edges": "bbox_head.loss_cls.edges",
+        "bbox_head.loss_cls.acc_sum": "bbox_head.loss_cls.acc_sum",
+        "bbox_head.loss_bbox.acc_sum": "bbox_head.loss_bbox.acc_sum",
+        "bbox_head.reg_convs.2.conv.bias": "bbox_head.reg_convs.4.bias"},
+    "ga-retinanet_r50-caffe_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "bbox_head.cls_convs.2.conv.weight": "bbox_head.cls_convs.4.weight",
+        "bbox_head.conv_shape.bias": "bbox_head.conv_shape.bias",
+        "bbox_head.feature_adaption_cls.conv_offset.weight": "bbox_head.feature_adaption_cls.conv_offset.weight",
+        "bbox_head.feature_adaption_reg.conv_adaption.weight": "bbox_head.feature_adaption_reg.conv_adaption.weight",
+        "bbox_head.retina_cls.bias": "bbox_head.retina_cls.bias"},
+    "ga-rpn_r50-caffe_fpn_1x_coco": {  # an RPN detector: MMDetection 3.x's bbox_head
+        **BACKBONE, **NECK,
+        "bbox_head.rpn_conv.bias": "rpn_head.rpn_conv.bias",
+        "bbox_head.conv_loc.weight": "rpn_head.conv_loc.weight",
+        "bbox_head.feature_adaption.conv_adaption.weight": "rpn_head.feature_adaption.conv_adaption.weight",
+        "bbox_head.conv_reg.weight": "rpn_head.conv_reg.weight"},
+    "ga-faster-rcnn_r50-caffe_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "rpn_head.conv_shape.weight": "rpn_head.conv_shape.weight",
+        "rpn_head.conv_cls.bias": "rpn_head.conv_cls.bias",
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight",
+        "roi_head.bbox_head.fc_reg.bias": "roi_head.bbox_head.fc_reg.bias"},
 }
 
 
@@ -110,27 +165,49 @@ def _model(name: str, overrides=(), materialize: bool = False) -> torch.nn.Modul
     return model.to_empty(device="cpu") if materialize else model
 
 
+@functools.lru_cache(maxsize=None)
+def _pipeline_model(name: str) -> torch.nn.Module:
+    """``_model(name)``, each pipeline built once for this module (the round-trip test loads its converted tensors
+    into it; names, shapes and parameter counts stay)."""
+    return _model(name)
+
+
+def _num_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _identical(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Exactly the same tensor: the same memory seen the same way (a tensor passed on unchanged; no need to compare
+    its values), or equal values of the same dtype."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return (a.data_ptr() == b.data_ptr() and a.stride() == b.stride()) or torch.equal(a, b)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _free_random_states():
     yield
     _random_state.cache_clear()
     _random_values.cache_clear()
+    _pipeline_model.cache_clear()
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
 def test_mmdet_state_dict_converts_exactly_and_round_trips(name):
-    model = _model(name)
+    model = _pipeline_model(name)
     src = _random_state(name)
     assert _fixture(name)["mmdet_version"] == "3.3.0"
+    assert _num_params(model) == _fixture(name)["num_params"]
     mapped, report = convert_mmdet(src, model, f"{name}.pth")
     assert len(report.placed) == len(src) and not report.dropped  # zero unplaced (else ConversionError)
+    assert not report.filled  # every model tensor from the source
     assert list(mapped) == list(model.state_dict())  # zero missing, in the model's order
     for theirs, ours in EXPECTED[name].items():
-        assert torch.equal(mapped[ours], src[theirs]), theirs
+        assert _identical(mapped[ours], src[theirs]), theirs
     model.load_state_dict(mapped, strict=True, assign=True)  # the model now holds the converted tensors
     back = to_mmdet(model.state_dict())
     assert sorted(back) == sorted(src)
-    assert all(torch.equal(back[k], src[k]) and back[k].dtype == src[k].dtype for k in src)
+    assert all(_identical(back[k], src[k]) for k in src)
 
 
 def test_mmdet2_rpn_names_and_frozen_bn_counters():
@@ -169,12 +246,68 @@ def test_gn_conv_towers_take_mmcv_convmodule_names():
     assert all(torch.equal(mapped[k], state[k]) for k in state)
 
 
+def test_ssd_prior_order_follows_the_priors_geometry():
+    """MMDetection's ``SSDAnchorGenerator`` (``scale_major=False``, as its SSD configs) orders a location's priors
+    [square of side min, square of side sqrt(min max), then side-min boxes of ratio h / w = 1/2, 2 (, 1/3, 3)];
+    raydet's puts the sqrt(min max) square last. With MMDetection's priors written out by hand for SSD300 COCO's
+    first two levels (min 21 / max 45, ratios [2]; min 45 / max 99, ratios [2, 3]), each raydet prior has the (w, h)
+    of the MMDetection prior the conversion puts in its place, and the classifier's and regressor's output channels
+    (81 class slots with the background last, 4 deltas) move with their priors."""
+    r2, r3 = math.sqrt(2), math.sqrt(3)
+    mmdet_wh = [[(21, 21), (math.sqrt(21 * 45),) * 2, (21 * r2, 21 / r2), (21 / r2, 21 * r2)],
+                [(45, 45), (math.sqrt(45 * 99),) * 2, (45 * r2, 45 / r2), (45 / r2, 45 * r2), (45 * r3, 45 / r3),
+                 (45 / r3, 45 * r3)]]
+    assert ssd_prior_order(4) == [0, 2, 3, 1] and ssd_prior_order(6) == [0, 2, 3, 4, 5, 1]
+    generator = load_config(PIPELINES["ssd300_coco"]).build("model.bbox_head.anchor_generator")
+    for level, theirs in enumerate(mmdet_wh):
+        base = generator.base_anchors[level]
+        expected = torch.tensor([theirs[i] for i in ssd_prior_order(len(theirs))], dtype=torch.float32)
+        torch.testing.assert_close(base[:, 2:] - base[:, :2], expected, rtol=0, atol=1e-4)
+    # MMDetection's own test of its SSDAnchorGenerator (SSD300 COCO, scale_major=False) lists the first level's base
+    # anchors (location (0, 0), centre (4, 4)) in this order
+    mmdet_level1 = torch.tensor([[-6.5, -6.5, 14.5, 14.5], [-11.3704, -11.3704, 19.3704, 19.3704],
+                                 [-10.8492, -3.4246, 18.8492, 11.4246], [-3.4246, -10.8492, 11.4246, 18.8492]])
+    torch.testing.assert_close(generator.base_anchors[0], mmdet_level1[ssd_prior_order(4)], rtol=0, atol=1e-4)
+
+    src = _random_state("ssd300_coco")
+    mapped, report = convert_mmdet(src, _pipeline_model("ssd300_coco"), "ssd300.pth")
+    cls, ours = src["bbox_head.cls_convs.0.0.weight"], mapped["bbox_head.cls_convs.0.0.weight"]
+    assert torch.equal(ours[:81], cls[:81])  # prior 0 (the min square) stays
+    assert torch.equal(ours[81:162], cls[162:243])  # raydet's prior 1 (ratio 1/2) is MMDetection's prior 2
+    assert torch.equal(ours[243:324], cls[81:162])  # raydet's prior 3 (sqrt(min max) square) is MMDetection's 1
+    reg, ours = src["bbox_head.reg_convs.1.0.bias"], mapped["bbox_head.reg_convs.1.0.bias"]
+    assert torch.equal(ours[16:20], reg[20:24])  # level 2, raydet's prior 4 (ratio 3) is MMDetection's prior 5
+    assert torch.equal(ours[20:24], reg[4:8])  # and its prior 5 (sqrt(min max) square) MMDetection's prior 1
+    reordered = {p.source for p in report.placed if p.note}
+    assert reordered == {f"bbox_head.{kind}_convs.{level}.0.{param}" for kind in ("cls", "reg") for level in range(6)
+                         for param in ("weight", "bias")}
+
+
+def test_ghm_checkpoint_without_loss_buffers_gets_their_initial_values():
+    """MMDetection's early GHM-C / GHM-R kept ``edges`` / ``acc_sum`` as plain attributes, so the model zoo's 2020 GHM
+    checkpoint lacks those 4 tensors: they are set to the losses' initial values and reported. The GHM config's GHM-C
+    has 30 bins (edges k / 30, the last 1 + 1e-6), its GHM-R 10 (edges k / 10, the last 1e3), both zero counts."""
+    name = "retinanet_r50_fpn_ghm-1x_coco"
+    src = {k: v for k, v in _random_state(name).items() if ".loss_" not in k}
+    assert len(src) == len(_fixture(name)["state_dict"]) - 4
+    mapped, report = convert_mmdet(src, _pipeline_model(name), "retinanet_ghm_r50_fpn_1x_coco_20200130-a437fda3.pth")
+    assert len(report.placed) == len(src) and list(mapped) == list(_pipeline_model(name).state_dict())
+    assert [p.target for p in report.filled] == ["bbox_head.loss_cls.edges", "bbox_head.loss_cls.acc_sum",
+                                                 "bbox_head.loss_bbox.edges", "bbox_head.loss_bbox.acc_sum"]
+    cls_edges, reg_edges = [k / 30 for k in range(30)] + [1 + 1e-6], [k / 10 for k in range(10)] + [1e3]
+    torch.testing.assert_close(mapped["bbox_head.loss_cls.edges"], torch.tensor(cls_edges))
+    torch.testing.assert_close(mapped["bbox_head.loss_bbox.edges"], torch.tensor(reg_edges))
+    assert torch.equal(mapped["bbox_head.loss_cls.acc_sum"], torch.zeros(30))
+    assert torch.equal(mapped["bbox_head.loss_bbox.acc_sum"], torch.zeros(10))
+    assert "bbox_head.loss_bbox.acc_sum [10] not in the source, set to its initial value" in report.summary()
+
+
 def test_model_parameter_counts_equal_mmdetections():
     """Each pipeline's parameter count equals MMDetection's (the fixture's ``num_params``) and MODEL_ZOO.md's."""
     text = (ROOT / "MODEL_ZOO.md").read_text()
     section = text[text.index("## Parameter counts"):]
     for name, pipeline in PIPELINES.items():
-        ours = sum(p.numel() for p in _model(name).parameters())
+        ours = _num_params(_pipeline_model(name))
         assert ours == _fixture(name)["num_params"], name
         row = f"| [`{pipeline.stem}`](pipelines/{pipeline.name}) | `{name}` | {ours:,} | {ours:,} |"
         assert row in section, row

@@ -6,8 +6,8 @@ as their builders make them when they load the COCO_V1 weights (``norm_layer=Fro
 ``overwrite_eps(model, 0.0)``); the v2 models keep their BatchNorm2d layers, with random statistics. Each is converted
 for its pipeline in ``pipelines/zoo/torchvision/`` (Faster R-CNN through the files ``raydet convert`` reads and
 writes, the others in memory) and loaded as ``raydet test`` loads a checkpoint. Both then see the same three images
-of different sizes at their test scale (torchvision's resize is made the identity, so both get the same normalised,
-zero-padded batch) and the same targets. No network: nothing is downloaded.
+of different sizes at their test scale (SSD300: three of its fixed 300 x 300; torchvision's resize is made the
+identity, so both get the same normalised, zero-padded batch) and the same targets. No network: nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -548,3 +548,179 @@ def test_retinanet_v2_gives_torchvisions_detections_and_losses():
     rd_losses = model80.train()(_raydet_batch(tv80, images, records), mode="loss")
     for tv_key, rd_key in {"classification": "loss_cls", "bbox_regression": "loss_bbox"}.items():
         assert rd_losses[rd_key].item() == pytest.approx(tv_losses[tv_key].item(), rel=1e-4), tv_key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SSD300 VGG-16: a softmax over 91 slots per prior, priors in another order, the top-k per class
+
+
+def _ssd_images(n: int = 3) -> list[np.ndarray]:
+    """300 x 300 images (SSD's fixed size: torchvision's resize is the identity) of 10-pixel blocks plus noise."""
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(n):
+        blocks = rng.integers(0, 256, (30, 30, 3)).astype(np.float32)
+        image = np.kron(blocks, np.ones((10, 10, 1))) + rng.normal(0, 20, (300, 300, 3))
+        images.append(np.clip(image, 0, 255).astype(np.uint8))
+    return images
+
+
+def _spread_ssd_scores(model: nn.Module) -> None:
+    """Random weights give a few classes scores that round to 1.0 everywhere (ties); smaller weights, random class
+    biases (15 % of the slots likely, the rest rarely), the background logit 5 and the 10 unused slots' logit 0
+    (weights 0): those hold a few percent of the softmax's mass yet never score above 0.01 (e^0 / e^5 < 0.007), as in
+    the trained model, where they are never targets. Dozens of classes then have more than 400 priors above 0.01."""
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for conv in model.head.classification_head.module_list:
+            a = conv.out_channels // 91
+            weight, bias = conv.weight.view(a, 91, -1), conv.bias.view(a, 91)
+            weight.mul_(0.3)
+            likely = torch.rand(91, generator=gen) < 0.15
+            bias.copy_(torch.randn(a, 91, generator=gen) * 0.5 + torch.where(likely, 0.0, -4.0))
+            weight[:, [0] + UNUSED_IDS] = 0.0
+            bias[:, 0] = 5.0
+            bias[:, UNUSED_IDS] = 0.0
+
+
+def _ssd_batch(cfg, tv_model, images, records=None) -> dict:
+    """raydet's batch made by the pipeline's own test transforms (Resize to 300 x 300, Normalize), with
+    torchvision's normalised tensor."""
+    from raydet.data.collate import collate_detection
+    from raydet.data.pipeline import build_transforms, image_rng, record_to_sample
+
+    transforms, collate_cfg = build_transforms(cfg["data.val.pipeline"])
+    empty = {"boxes": np.zeros((0, 4), np.float32), "labels": np.zeros(0, np.int64)}
+    samples = [transforms(record_to_sample({"image_id": i, "height": 300, "width": 300, **(records or [empty] * 3)[i]},
+                                           image), image_rng(0, 0, i)) for i, image in enumerate(images)]
+    batch = collate_detection(samples, collate_cfg)
+    with torch.no_grad():
+        tv_batch, _ = tv_model.transform(_tv_images(images))
+    # raydet's x - 255 m and torchvision's (x / 255 - m) / (1 / 255) differ by float32 rounding (values up to 255)
+    assert tv_batch.tensors.shape == batch["images"].shape == (len(images), 3, 300, 300)
+    assert torch.allclose(tv_batch.tensors, batch["images"], rtol=0, atol=1e-4)
+    batch["images"] = tv_batch.tensors
+    return batch
+
+
+def test_ssd300_vgg16_gives_torchvisions_detections_and_losses():
+    """Detections on three 300 x 300 images; losses on two of them (3 objects and 1: torchvision and raydet both
+    divide the sums of the batch by its positives, not each image's by its own)."""
+    pipeline = ZOO / "ssd300_vgg16.yaml"
+    cfg = load_config(pipeline)
+    torch.manual_seed(0)
+    tv = tv_detection.ssd300_vgg16(weights=None, weights_backbone=None)
+    tv.transform.resize = lambda image, target=None: (image, target)  # inputs at 300 x 300: the identity
+    _spread_ssd_scores(tv)
+    model, meta = _convert(tv.eval(), pipeline)
+    assert meta["classes"] == CLASS_NAMES and meta["cat_ids"] == CLASS_IDS
+    # level 0's 4 priors x 91 slots: raydet's prior 1 is torchvision's 2 (the 2:1 box; torchvision's 1 is the
+    # sqrt(s_k s_k+1) square, raydet's 3), each with the 80 classes, the background (logit 5) and 10 unused slots
+    ours, theirs = model.bbox_head.cls_convs[0][0].bias.view(4, 91), tv.head.classification_head.module_list[0].bias
+    theirs = theirs.view(4, 91)
+    assert torch.equal(ours[1, :80], theirs[2, CLASS_IDS]) and torch.equal(ours[3, :80], theirs[1, CLASS_IDS])
+    assert (ours[:, 80] == 5.0).all() and (ours[:, 81:] == 0.0).all()
+    images = _ssd_images()
+    with torch.no_grad():
+        tv_out = tv(_tv_images(images))
+        rd_out = model(_ssd_batch(cfg, tv, images), mode="predict")
+    _assert_same_detections(tv_out, rd_out, meta["cat_ids"], min_count=200)
+
+    rng = np.random.default_rng(1)
+    records = []
+    for n in (3, 1):
+        x1, y1 = rng.uniform(0, 180, n), rng.uniform(0, 180, n)
+        wh = rng.uniform(20, 120, (2, n))
+        records.append({"boxes": np.stack([x1, y1, x1 + wh[0], y1 + wh[1]], 1).astype(np.float32),
+                        "labels": rng.integers(0, 80, n)})
+    tv.train()
+    tv_losses = tv(_tv_images(images[:2]), _tv_targets(records))
+    rd_losses = model.train()(_ssd_batch(cfg, tv, images[:2], records), mode="loss")
+    for tv_key, rd_key in {"classification": "loss_cls", "bbox_regression": "loss_bbox"}.items():
+        assert rd_losses[rd_key].item() == pytest.approx(tv_losses[tv_key].item(), rel=1e-5), tv_key
+
+
+def test_ssd_priors_are_torchvisions_default_boxes_in_raydets_order():
+    """The pipeline's SSDAnchorGenerator (clip: true) against DefaultBoxGenerator as ssd300_vgg16 builds it, after
+    the converter's reordering of each location's priors."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from raydet.interop.torchvision import _ssd_prior_order
+
+    ours = load_config(ZOO / "ssd300_vgg16.yaml").build("model.bbox_head.anchor_generator")
+    reference = DefaultBoxGenerator([[2], [2, 3], [2, 3], [2, 3], [2], [2]],
+                                    scales=[0.07, 0.15, 0.33, 0.51, 0.69, 0.87, 1.05], steps=[8, 16, 32, 64, 100, 300])
+    featmaps = [(38, 38), (19, 19), (10, 10), (5, 5), (3, 3), (1, 1)]
+    expected = reference(ImageList(torch.zeros(1, 3, 300, 300), [(300, 300)]),
+                         [torch.zeros(1, 1, h, w) for h, w in featmaps])[0]
+    levels = ours.grid_anchors(featmaps)
+    in_tv_order = [p.view(h * w, a, 4)[:, np.argsort(_ssd_prior_order(a))].reshape(-1, 4)
+                   for p, (h, w), a in zip(levels, featmaps, ours.num_base_priors)]
+    assert expected.shape == (8732, 4)
+    assert torch.allclose(torch.cat(in_tv_order), expected, rtol=0, atol=1e-4)
+    # by hand: the last level's 2:1 prior is 261 sqrt(2) = 369.1 wide, clipped to 300, and 261 / sqrt(2) = 184.55
+    # high, centred at (150, 150); without clip it crosses the image by 34.55 px on each side
+    assert levels[5][1].tolist() == pytest.approx([0.0, 57.7226, 300.0, 242.2774], abs=1e-4)
+    ours.clip = False
+    ours.base_anchors = [ours._base_anchors(i) for i in range(ours.num_levels)]
+    assert ours.grid_anchors(featmaps)[5][1].tolist() == pytest.approx([-34.5549, 57.7226, 334.5549, 242.2774],
+                                                                       abs=1e-4)
+
+
+def test_ssd_head_takes_the_top_k_per_class_over_all_levels_as_torchvision():
+    """nms_pre_per: class keeps each class's nms_pre best priors of all levels (torchvision's topk_candidates);
+    level (MMDetection) the nms_pre best (prior, class) pairs of each level. Checked by hand and against
+    torchvision's own SSD.postprocess_detections on the same scores."""
+    from types import SimpleNamespace
+
+    from torchvision.models.detection._utils import BoxCoder
+
+    from raydet.models.dense_heads.ssd_head import SSDHead
+    from raydet.models.head_configs import DetectionConfig
+    from raydet.models.task_modules.assigners import MaxIoUAssigner
+    from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
+    from raydet.models.task_modules.prior_generators import SSDAnchorGenerator
+
+    # two levels on a 32 x 32 input: 2 x 2 and 1 x 1 locations, 2 priors each (squares of min and sqrt(min * max))
+    gen = SSDAnchorGenerator(strides=[16, 32], ratios=[[], []], min_sizes=[8, 16], max_sizes=[16, 32], input_size=32)
+    # (class 0, class 1) probabilities of the 10 priors; the background takes the rest; 0.005 is below score_thr
+    probs = torch.full((10, 2), 0.005)
+    probs[[0, 1, 2, 8], 0] = torch.tensor([0.9, 0.8, 0.7, 0.95])  # priors 0-7 on level 0, 8-9 on level 1
+    probs[[3, 9], 1] = torch.tensor([0.5, 0.3])
+    logits = torch.cat([probs, 1 - probs.sum(1, keepdim=True)], 1).log()  # raydet's slots: classes, background
+    cls_scores = [logits[:8].view(2, 2, 6).permute(2, 0, 1)[None], logits[8:].view(1, 1, 6).permute(2, 0, 1)[None]]
+    bbox_preds = [torch.zeros(1, 8, 2, 2), torch.zeros(1, 8, 1, 1)]
+    meta = {"img_shape": (32, 32), "pad_shape": (32, 32), "batch_input_shape": (32, 32), "ori_shape": (32, 32)}
+    test = DetectionConfig(nms_pre=2, score_thr=0.01, nms_iou=1.0, max_per_img=100)  # IoU > 1: no suppression
+    results = {}
+    for per in ("class", "level"):
+        head = SSDHead(2, [4, 4], gen, DeltaXYWHBBoxCoder(target_stds=(0.1, 0.1, 0.2, 0.2)), MaxIoUAssigner(0.5, 0.5),
+                       test=test, nms_pre_per=per)
+        head.forward = lambda feats: (cls_scores, bbox_preds)
+        results[per] = head.predict(None, [meta])[0]
+    # per class: class 0's best two of all levels (prior 8: 0.95, prior 0: 0.9), class 1's (prior 3: 0.5, 9: 0.3)
+    assert results["class"]["scores"].tolist() == pytest.approx([0.95, 0.9, 0.5, 0.3], abs=1e-6)
+    assert results["class"]["labels"].tolist() == [0, 0, 1, 1]
+    # per level: level 0's best two pairs (priors 0, 1 of class 0), level 1's (prior 8 of class 0, prior 9 of class 1)
+    assert results["level"]["scores"].tolist() == pytest.approx([0.95, 0.9, 0.8, 0.3], abs=1e-6)
+    assert results["level"]["labels"].tolist() == [0, 0, 0, 1]
+    # boxes are the priors (zero deltas): prior 8 is level 1's 16-square at (16, 16), prior 0 level 0's 8-square at
+    # (8, 8), prior 3 level 0's sqrt(8 x 16) = 11.31-square at (24, 8)
+    hand = [[8.0, 8.0, 24.0, 24.0], [4.0, 4.0, 12.0, 12.0], [18.3431, 2.3431, 29.6569, 13.6569]]
+    assert torch.allclose(results["class"]["boxes"][:3], torch.tensor(hand), atol=1e-4)
+
+    # torchvision's postprocess_detections on the same scores (its slots: background first) and priors
+    anchors = torch.cat(gen.grid_anchors([(2, 2), (1, 1)]))
+    reference = SimpleNamespace(box_coder=BoxCoder((10.0, 10.0, 5.0, 5.0)), score_thresh=0.01, topk_candidates=2,
+                                nms_thresh=1.0, detections_per_img=100)
+    outputs = {"cls_logits": logits[:, [2, 0, 1]][None], "bbox_regression": torch.zeros(1, 10, 4)}
+    (expected,) = tv_detection.ssd.SSD.postprocess_detections(reference, outputs, [anchors], [(32, 32)])
+    assert torch.allclose(results["class"]["scores"], expected["scores"], atol=1e-6)
+    assert torch.equal(results["class"]["labels"] + 1, expected["labels"])
+    assert torch.allclose(results["class"]["boxes"], expected["boxes"], atol=1e-5)
+
+    unused = SSDHead(2, [4, 4], gen, DeltaXYWHBBoxCoder(), MaxIoUAssigner(0.5, 0.5), num_unused_classes=10)
+    assert unused.cls_out_channels == 13 and unused.cls_convs[0][0].out_channels == 2 * 13
+    with pytest.raises(ValueError, match="nms_pre_per must be 'level' or 'class', got 'image'"):
+        SSDHead(2, [4, 4], gen, DeltaXYWHBBoxCoder(), MaxIoUAssigner(0.5, 0.5), nms_pre_per="image")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import raydet.data  # noqa: F401  (registers the dataset and transform types built by build_datasets)
+from raydet import fileio
 from raydet.config import Config
 from raydet.evaluation.metric_names import TRAIN_METRIC, evaluation_metric_problem, metric_problem
 from raydet.registry import ConfigError, build, build_context, build_dataclass, closest, error
@@ -211,9 +211,11 @@ def resolve_progress(cfg: Config) -> Config:
     return cfg
 
 
-def work_dir_of(cfg: Config, sections: Sections, work_dir: str | None = None, key: str = "--work-dir") -> str:
+def work_dir_of(cfg: Config, sections: Sections, work_dir: str | None = None, key: str = "--work-dir",
+                allow_uri: bool = False) -> str:
     """The command's work dir: ``work_dir`` (``--work-dir``) if given, else ``<pipeline work_dir>/<pipeline name>``,
-    resolved by :func:`raydet.workspace.resolve_work_dir` (never inside a folder Ray deletes)."""
+    resolved by :func:`raydet.workspace.resolve_work_dir` (never inside a folder Ray deletes; a URI where
+    ``allow_uri``, for the commands that write to object storage)."""
     if work_dir is None:
-        work_dir, key = os.path.join(sections.work_dir, Path(cfg.path or "pipeline").stem), "work_dir"
-    return resolve_work_dir(work_dir, work_root=sections.runtime.work_root, key=key)
+        work_dir, key = fileio.join(sections.work_dir, Path(cfg.path or "pipeline").stem), "work_dir"
+    return resolve_work_dir(work_dir, work_root=sections.runtime.work_root, key=key, allow_uri=allow_uri)

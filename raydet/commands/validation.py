@@ -110,10 +110,15 @@ def _check_shapes(detector) -> None:
                 feats = out
 
 
+# PyTorch's complaints that a map is spatially too small for a kernel: about the probe's arbitrary 128 x 128 size
+# (SSD300's last 3x3 convs without padding need a 300-pixel input), not about the pipeline
+_SPATIAL = ("can't be greater than actual input size", "Output size is too small")
+
+
 def _is_shape_error(exc: BaseException) -> bool:
-    """PyTorch's complaint about tensor shapes (not about the meta device itself)."""
+    """PyTorch's complaint about tensor shapes (not about the meta device itself, nor the probe's spatial size)."""
     text = str(exc)
-    return (isinstance(exc, RuntimeError) and "meta" not in text
+    return (isinstance(exc, RuntimeError) and "meta" not in text and not any(s in text for s in _SPATIAL)
             and any(word in text for word in ("channel", "shape", "size", "dimension")))
 
 

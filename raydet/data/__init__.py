@@ -5,7 +5,8 @@
 * image files: :func:`read_image` (strict decoding, EXIF orientation), :func:`read_image_header`
   (raydet.data.image_io)
 * per-image transforms: :class:`Resize`, :class:`RandomFlip`; batch-level :class:`Normalize`, :class:`Pad`
-  (raydet.data.transforms); :func:`build_transforms` splits a pipeline list (raydet.data.pipeline)
+  (raydet.data.transforms); SSD's :class:`PhotoMetricDistortion`, :class:`Expand`, :class:`MinIoURandomCrop`
+  (raydet.data.augmentation); :func:`build_transforms` splits a pipeline list (raydet.data.pipeline)
 * batches: :func:`collate_detection` (raydet.data.collate)
 * Ray Data: :func:`build_ray_dataset`, :func:`iter_detection_batches` (raydet.data.ray_data; Ray is imported
   only when a dataset is built); :class:`TorchDetectionDataset` is the plain PyTorch reference loader.
@@ -18,6 +19,7 @@ from .image_io import CorruptImageError, ImageSizeMismatchError, read_image, rea
 from .pipeline import Compose, TorchDetectionDataset, build_transforms, image_rng, load_sample, record_to_sample
 from .ray_data import DecodeAndTransform, build_ray_dataset, iter_detection_batches
 from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Transform, rescale_size, scales_from_range
+from .augmentation import Expand, MinIoURandomCrop, PhotoMetricDistortion
 
 __all__ = [
     "CollateConfig", "collate_detection", "collate_samples",
@@ -26,6 +28,7 @@ __all__ = [
     "Compose", "build_transforms", "image_rng", "load_sample", "record_to_sample", "TorchDetectionDataset",
     "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches",
     "Transform", "Resize", "RandomFlip", "Normalize", "Pad", "scales_from_range", "rescale_size",
+    "PhotoMetricDistortion", "Expand", "MinIoURandomCrop",
 ]
 
 

@@ -26,11 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+from raydet import fileio
 from raydet.masks import valid_polygons
 from raydet.registry import register
 
-from .image_io import (CorruptImageError, ImageSizeMismatchError, check_exif_orientation, image_file_problem,
-                       read_image, read_image_header, resolve_orientation, size_text)
+from .image_io import (CorruptImageError, ImageSizeMismatchError, check_exif_orientation, image_file_ends,
+                       image_file_problem, read_image, read_image_header, resolve_orientation, size_text)
 from .pipeline import build_transforms
 from .transforms import Transform
 
@@ -72,18 +73,20 @@ def check_image_files(records: list[dict], problems: _Problems, describe, exif_o
     orientation (Pillow, no pixel decoding; threads, the work is I/O); ``"decode"``: also a full strict decode of
     every image (:func:`read_image`), which finds damaged data before training starts. Problem kinds:
     ``bad_image_file``, ``image_size_mismatch`` (the size fits no frame ``exif_orientation`` allows),
-    ``corrupt_image`` (found by decoding).
+    ``corrupt_image`` (found by decoding). Images in a bucket (URIs) get one request for their first and last bytes
+    (:func:`~raydet.data.image_io.image_file_ends`) and at least 64 threads.
     """
     from concurrent.futures import ThreadPoolExecutor
 
     def probe(record: dict) -> tuple[str | None, str, int, int]:
         """(problem kind or None, message, orientation to apply, the header's orientation)."""
         path = record["img_path"]
-        why = image_file_problem(path)
+        ends = image_file_ends(path)  # None for a local file
+        why = image_file_problem(path, ends)
         if why is not None:
             return "bad_image_file", f"{why}: {path}", 1, 1
         try:
-            header = read_image_header(path)
+            header = read_image_header(path, head=ends[0] if ends else None)
         except OSError as exc:
             return "bad_image_file", str(exc), 1, 1
         try:
@@ -99,6 +102,8 @@ def check_image_files(records: list[dict], problems: _Problems, describe, exif_o
 
     if check == "decode":
         threads = max(1, min(threads, os.cpu_count() or 1))  # decoders release the GIL: one thread per CPU
+    elif any(fileio.is_uri(r["img_path"]) for r in records[:1]):
+        threads = max(threads, 64)  # requests to a bucket: waiting, not work
     # Pillow's notes on odd EXIF data or large images are not problems here: quiet them for the pool, from this
     # thread only (catch_warnings swaps process-wide state; entered from several threads it loses the caller's)
     with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=threads) as pool:
@@ -358,17 +363,22 @@ def _class_names(classes, owner: str) -> tuple[str, ...] | None:
 # COCO
 
 def read_json(path: str, what: str = "annotation file"):
-    """The parsed contents of a JSON file; a missing, unreadable or malformed file is a ValueError naming it and
-    ``what`` it is (``annotation file``, ``results file``)."""
+    """The parsed contents of a JSON file (a local path or a URI, :mod:`raydet.fileio`); a missing, unreadable or
+    malformed file is a ValueError naming it and ``what`` it is (``annotation file``, ``results file``), and for a
+    URI whether its bucket exists."""
     try:
+        if fileio.is_uri(path):
+            return json.loads(fileio.read_text(path))
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path}: {what} not found") from None
+    except FileNotFoundError as exc:
+        reason = f" ({exc.reason})" if isinstance(exc, fileio.StorageNotFoundError) else ""
+        raise ValueError(f"{path}: {what} not found{reason}") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: invalid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: cannot read the {what}: {exc}") from None
+        message = str(exc).removeprefix(f"{path}: ")  # a StorageError names the URI already
+        raise ValueError(f"{path}: cannot read the {what}: {message}") from None
 
 
 def load_json(path: str) -> dict:
@@ -610,7 +620,7 @@ class CocoDataset(DetectionDataset):
                 "boxes": clipped[idx].astype(np.float32).reshape(-1, 4),
                 "labels": labels[idx],
                 "ignore": crowd[idx],
-                "img_path": os.path.join(self.img_prefix, im["file_name"]),
+                "img_path": fileio.join(self.img_prefix, im["file_name"]),
                 "ann_ids": [ann_ids[i] for i in idx.tolist()],
             }
             if self.with_masks:  # polygons as the valid ones (raydet.masks.valid_polygons); RLE as it is
@@ -631,6 +641,20 @@ class CocoDataset(DetectionDataset):
 
 # ----------------------------------------------------------------------------------------------------------
 # Pascal VOC
+
+def _fetch_all(uris: list[str], threads: int = 64) -> list[bytes | BaseException]:
+    """The bytes of each URI, or the OSError that fetching it raised (requests to a bucket, many at once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def fetch(uri: str):
+        try:
+            return fileio.read_bytes(uri)
+        except OSError as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        return list(pool.map(fetch, uris))
+
 
 def _xml_text(node, tag: str):
     child = node.find(tag)
@@ -689,14 +713,21 @@ class VOCDataset(DetectionDataset):
         self._names: collections.Counter = collections.Counter()  # <name> of every object read -> count
         records = []
         for root in self.roots:
-            split_file = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+            split_file = fileio.join(root, "ImageSets", "Main", f"{split}.txt")
             try:
-                with open(split_file, encoding="utf-8") as f:
-                    ids = [line.split()[0] for line in f if line.strip()]
-            except OSError as exc:
-                raise ValueError(f"{split_file}: cannot read the split file: {exc}") from None
-            for voc_id in ids:
-                rec = self._read_xml(root, voc_id, len(records) + 1, problems)
+                if fileio.is_uri(split_file):
+                    lines = fileio.read_text(split_file).splitlines()
+                else:
+                    with open(split_file, encoding="utf-8") as f:
+                        lines = f.read().splitlines()
+                ids = [line.split()[0] for line in lines if line.strip()]
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{split_file}: cannot read the split file: "
+                                 f"{str(exc).removeprefix(f'{split_file}: ')}") from None
+            contents = _fetch_all([fileio.join(root, "Annotations", f"{i}.xml") for i in ids]) \
+                if fileio.is_uri(root) else [None] * len(ids)
+            for voc_id, data in zip(ids, contents):
+                rec = self._read_xml(root, voc_id, len(records) + 1, problems, data)
                 if rec is not None:
                     records.append(rec)
         self._log_class_use(explicit=classes is not None)
@@ -724,14 +755,20 @@ class VOCDataset(DetectionDataset):
                            "names: %s", self.sources, "entry" if len(missing) == 1 else "entries",
                            ", ".join(map(repr, missing)), "names" if len(missing) == 1 else "name", found or "none")
 
-    def _read_xml(self, root: str, voc_id: str, image_id: int, problems: _Problems) -> dict | None:
-        xml_path = os.path.join(root, "Annotations", f"{voc_id}.xml")
-        img_path = os.path.join(root, "JPEGImages", f"{voc_id}.jpg")
+    def _read_xml(self, root: str, voc_id: str, image_id: int, problems: _Problems,
+                  data: bytes | BaseException | None = None) -> dict | None:
+        """One image's record from its xml (``data``: the file's bytes or why they could not be fetched, for a
+        root in a bucket; None: parse the local file)."""
+        xml_path = fileio.join(root, "Annotations", f"{voc_id}.xml")
+        img_path = fileio.join(root, "JPEGImages", f"{voc_id}.jpg")
         what = f"{xml_path} (image {voc_id})"
         try:
-            tree = ET.parse(xml_path).getroot()
-        except FileNotFoundError:
-            problems.add("missing_annotation_file", f"{what}: file not found (image dropped)")
+            if isinstance(data, BaseException):
+                raise data
+            tree = ET.parse(xml_path).getroot() if data is None else ET.fromstring(data)
+        except FileNotFoundError as exc:
+            reason = f" ({exc.reason})" if isinstance(exc, fileio.StorageNotFoundError) else ""
+            problems.add("missing_annotation_file", f"{what}: file not found{reason} (image dropped)")
             return None
         except (ET.ParseError, OSError) as exc:
             problems.add("bad_annotation_file", f"{what}: cannot parse the xml: {exc} (image dropped)")
@@ -776,7 +813,8 @@ class VOCDataset(DetectionDataset):
         ignore = difficult[keep] if self.with_difficult_as_ignore else np.zeros(int(keep.sum()), bool)
         return {
             "image_id": image_id,
-            "file_name": os.path.join(os.path.basename(os.path.normpath(root)), "JPEGImages", f"{voc_id}.jpg"),
+            "file_name": os.path.join(fileio.basename(root) if fileio.is_uri(root) else
+                                      os.path.basename(os.path.normpath(root)), "JPEGImages", f"{voc_id}.jpg"),
             "height": h,
             "width": w,
             "boxes": clipped[keep].astype(np.float32).reshape(-1, 4),

@@ -18,26 +18,31 @@
   a libjpeg warning about the data (bytes zeroed mid-scan, a file cut short and given a new end marker) is a
   :class:`CorruptImageError` naming the file, where OpenCV would return half-grey pixels. Other formats (PNG, BMP,
   TIFF, WebP, GIF) are decoded by OpenCV.
+
+A path may be a URI (``s3://bucket/images/a.jpg``, :mod:`raydet.fileio`): the look at a file fetches its first
+256 KiB and last bytes, a decode the whole object, in the process that asks (a Ray Data actor reads the bytes
+itself: nothing is copied to a local disk).
 """
 from __future__ import annotations
 
 import io
-import os
 from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 
+from raydet import fileio
 from raydet.errors import RaydetError
 
 __all__ = ["CorruptImageError", "ImageSizeMismatchError", "ImageHeader", "EXIF_ORIENTATION_POLICIES",
-           "check_exif_orientation", "image_file_problem", "read_image_header", "resolve_orientation",
-           "apply_orientation", "read_image", "size_text"]
+           "check_exif_orientation", "image_file_problem", "image_file_ends", "read_image_header",
+           "resolve_orientation", "apply_orientation", "read_image", "size_text", "HEADER_BYTES"]
 
 EXIF_ORIENTATION_POLICIES = ("auto", "apply", "ignore")
 _ORIENTATION_TAG = 0x0112
 _IMAGE_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"BM", b"II*\x00", b"MM\x00*", b"GIF8")
 _TAIL_BYTES = 64   # a JPEG's end-of-image marker may be followed by a little padding
+HEADER_BYTES = 1 << 18  # of an object in a bucket, fetched for its header: enough for nearly every image's (EXIF too)
 # libjpeg warnings that leave the pixels intact (colour profile, version and colour-transform notes); every other
 # warning means entropy-coded data was missing or damaged and part of the image is made up.
 _BENIGN_JPEG_WARNINGS = ("bad ICC marker", "unknown JFIF revision", "Unknown Adobe color transform")
@@ -82,20 +87,23 @@ def _who(image_id: Any) -> str:
     return f"image id {image_id}: " if image_id is not None else ""
 
 
-def image_file_problem(path: str) -> str | None:
+def _not_found_reason(exc: BaseException) -> str:
+    """`` (<reason>)`` of a missing object in a bucket (which of bucket and key is missing), else ``""``."""
+    return f" ({exc.reason})" if isinstance(exc, fileio.StorageNotFoundError) else ""
+
+
+def image_file_problem(path: str, ends: tuple[bytes, bytes, int] | None = None) -> str | None:
     """Why ``path`` is not a complete image file, from a cheap look at its first and last bytes (no decoding):
     missing, empty, not a JPEG / PNG / BMP / TIFF / GIF / WebP, or a JPEG without its end-of-image marker (the file
-    was cut short). None when it looks complete. Corruption inside the data is only found when decoding."""
+    was cut short). None when it looks complete. Corruption inside the data is only found when decoding.
+    ``ends``: ``(first bytes, last bytes, size)`` when already read (:func:`raydet.fileio.read_ends`)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(16)
-            size = f.seek(0, os.SEEK_END)
-            f.seek(max(size - _TAIL_BYTES, 0))
-            tail = f.read()
-    except FileNotFoundError:
-        return "image file not found"
+        head, tail, size = ends if ends is not None else fileio.read_ends(path, 16, _TAIL_BYTES)
+    except FileNotFoundError as exc:
+        return "image file not found" + _not_found_reason(exc)
     except OSError as exc:
-        return f"cannot read the image file: {exc.strerror or exc}"
+        return f"cannot read the image file: {exc.strerror or str(exc).removeprefix(f'{path}: ')}"
+    tail = tail[-_TAIL_BYTES:]
     if size == 0:
         return "image file is empty"
     if not (head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")):
@@ -124,20 +132,43 @@ def _orientation(im) -> int:
     return int(value) if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def read_image_header(path: str, image_id: Any = None) -> ImageHeader:
+def image_file_ends(path: str) -> tuple[bytes, bytes, int] | None:
+    """For a URI: its first :data:`HEADER_BYTES`, last bytes and size, fetched once for both
+    :func:`image_file_problem` and :func:`read_image_header`; None for a local path, or when the object cannot be
+    read (those two then say why)."""
+    if not fileio.is_uri(path):
+        return None
+    try:
+        return fileio.read_ends(path, HEADER_BYTES, _TAIL_BYTES)
+    except OSError:
+        return None
+
+
+def read_image_header(path: str, image_id: Any = None, head: bytes | None = None) -> ImageHeader:
     """Stored size and EXIF orientation of an image file, read with Pillow without decoding the pixels (~30 us for
     a JPEG). Raises FileNotFoundError or :class:`CorruptImageError` (a header Pillow cannot read) naming the
-    file."""
+    file. For a URI, from its first :data:`HEADER_BYTES` (``head`` when already fetched), else the whole object."""
     from PIL import Image, UnidentifiedImageError
 
     # No warnings.catch_warnings() here: it swaps process-wide state and is not thread-safe (the readers call this
     # from a thread pool, inside one catch_warnings of their own that quiets Pillow's notes on odd EXIF data)
+    remote = fileio.is_uri(path)
     try:
-        with Image.open(path) as im:
-            width, height = im.size
-            return ImageHeader(int(height), int(width), _orientation(im))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{_who(image_id)}image file not found: {path}") from None
+        if remote and head is None:
+            head = fileio.read_ends(path, HEADER_BYTES, 0)[0]
+        for attempt in (0, 1):
+            try:
+                with Image.open(io.BytesIO(head) if remote else path) as im:
+                    width, height = im.size
+                    return ImageHeader(int(height), int(width), _orientation(im))
+            except (UnidentifiedImageError, SyntaxError, ValueError, OSError):
+                if not remote or attempt or len(head) < HEADER_BYTES:  # the whole file was read already
+                    raise
+                head = fileio.read_bytes(path)  # a header longer than the prefix
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{_who(image_id)}image file not found: {path}{_not_found_reason(exc)}") from None
+    except fileio.StorageError:
+        raise
     except (UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, ValueError, OSError) as exc:
         raise CorruptImageError(f"{_who(image_id)}cannot read the image header ({exc}): {path}") from None
 
@@ -228,9 +259,14 @@ def read_image(path: str, image_id: Any = None, orientation: int | str = "apply"
     """
     who = _who(image_id)
     try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{who}image file not found: {path}") from None
+        if fileio.is_uri(path):
+            data = np.frombuffer(fileio.read_bytes(path), dtype=np.uint8)
+        else:
+            data = np.fromfile(path, dtype=np.uint8)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{who}image file not found: {path}{_not_found_reason(exc)}") from None
+    except fileio.StorageError as exc:
+        raise fileio.StorageError(f"{who}{exc}") from None
     except OSError as exc:
         raise OSError(f"{who}cannot read image file {path}: {exc}") from None
     if data.size == 0:

@@ -1,7 +1,9 @@
 """Checkpoint files: written to a temporary name then renamed, so an interrupted write never leaves a file that
-fails to load; loaded with clear errors for a missing file or a checkpoint of another model."""
+fails to load; loaded with clear errors for a missing file or a checkpoint of another model. A checkpoint may be
+read from object storage (``s3://...``, :mod:`raydet.fileio`): it is fetched into memory and loaded from there."""
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -9,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raydet import fileio
 from raydet.errors import RaydetError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "load_model_weights", "CHECKPOINT_FILE", "resolve_checkpoint",
@@ -39,8 +42,15 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a folder holding ``checkpoint.pt`` (a Ray Train checkpoint directory)."""
+def resolve_checkpoint(path: str | os.PathLike) -> Path | str:
+    """A checkpoint file, or a folder holding ``checkpoint.pt`` (a Ray Train checkpoint directory); for a URI, the
+    file's URI (a str). A missing one is a FileNotFoundError naming it (for a URI, whether the bucket exists)."""
+    if fileio.is_uri(os.fspath(path)):
+        uri = os.fspath(path).rstrip("/")
+        for candidate in (uri, fileio.join(uri, CHECKPOINT_FILE)):
+            if fileio.isfile(candidate):
+                return candidate
+        raise fileio.StorageNotFoundError(f"checkpoint not found: {path} ({fileio.not_found_error(uri).reason})")
     p = Path(path)
     if p.is_dir():
         p = p / CHECKPOINT_FILE
@@ -58,8 +68,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
         CheckpointError: not a torch file, cut short, or not a raydet checkpoint; the message names the file.
     """
     p = resolve_checkpoint(path)
+    source = io.BytesIO(fileio.read_bytes(p)) if isinstance(p, str) else p  # an object: fetched whole, no mmap
     try:
-        state = torch.load(p, map_location=map_location, weights_only=False, mmap=mmap)
+        state = torch.load(source, map_location=map_location, weights_only=False, mmap=mmap and source is p)
     except Exception as exc:  # truncated / not a torch file
         raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from exc
     if not isinstance(state, dict) or "model" not in state:

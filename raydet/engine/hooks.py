@@ -24,8 +24,8 @@ from raydet.engine.optim import LrScheduleConfig, lr_at
 from raydet.registry import REGISTRY, build, closest, error
 
 __all__ = ["HOOK_POINTS", "Priority", "Hook", "parse_priority", "build_hook", "LrSchedulerHook", "OptimizerHook",
-           "CheckpointHook", "LoggerHook", "ProgressBarHook", "EvalHook", "EpochGateHook", "NonFiniteLossError",
-           "CHECKPOINT_SCORE"]
+           "CheckpointHook", "LoggerHook", "ProgressBarHook", "EvalHook", "EpochGateHook", "WorkDirSyncHook",
+           "NonFiniteLossError", "CHECKPOINT_SCORE"]
 
 log = logging.getLogger("raydet")
 
@@ -125,7 +125,8 @@ class NonFiniteLossError(RaydetError, FloatingPointError):
 
 # --------------------------------------------------------------------------------------------------- schedule
 class LrSchedulerHook(Hook):
-    """Sets every parameter group's lr before each iteration: warmup, then step decay by epoch."""
+    """Sets every parameter group's lr before each iteration: warmup, then step decay by epoch, times the group's
+    ``lr_mult`` (optimizer.paramwise_cfg)."""
 
     priority = Priority.VERY_HIGH
 
@@ -136,7 +137,7 @@ class LrSchedulerHook(Hook):
     def before_train_iter(self, runner):
         lr = lr_at(self.base_lr, self.schedule, runner.epoch, runner.iter)
         for group in runner.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
@@ -317,13 +318,17 @@ class LoggerHook(Hook):
     """Every ``interval`` iterations on rank 0: each loss term (averaged over the interval), lr, data time, iteration
     time, ETA and peak memory, to the console, ``<run folder>/log.jsonl`` and TensorBoard (``<run folder>/tb``);
     ``skipped_images`` (also ``train/skipped_images`` of the epoch's metrics) when images that failed to decode were
-    replaced under ``data.train.on_error: skip`` (this worker's count in the epoch so far)."""
+    replaced under ``data.train.on_error: skip`` (this worker's count in the epoch so far).
+
+    ``destination``: where the run folder's files end up when ``runner.work_dir`` is a local copy of it (a URI, see
+    :class:`WorkDirSyncHook`); the log names it instead of the local copy."""
 
     priority = Priority.VERY_LOW
 
     def __init__(self, interval: int = 50, tensorboard: bool = True):
         self.interval = interval
         self.tensorboard = tensorboard
+        self.destination: str | None = None
         self.window: dict[str, list[float]] = defaultdict(list)
         self.jsonl = None
         self.writer = None
@@ -402,7 +407,9 @@ class LoggerHook(Hook):
 
             try:  # the curves are a convenience: a plotting problem must not fail a finished run
                 if plot_curves(self.jsonl.name):
-                    log.info("loss and metric curves: %s", os.path.join(runner.work_dir, "curves.png"))
+                    where = f"{self.destination.rstrip('/')}/curves.png" if self.destination else \
+                        os.path.join(runner.work_dir, "curves.png")
+                    log.info("loss and metric curves: %s", where)
             except Exception as exc:  # noqa: BLE001
                 log.warning("could not draw the curves of %s: %s", self.jsonl.name, exc)
 
@@ -426,6 +433,42 @@ class LoggerHook(Hook):
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ("epoch", "iter") and math.isfinite(v):
                     self.writer.add_scalar(f"{record['mode']}/{k}" if "/" not in k else k, v, record["iter"])
+
+
+class WorkDirSyncHook(Hook):
+    """When the run folder is in object storage: copy what rank 0's hooks write into its local scratch folder
+    (``log.jsonl``, ``tb/``, ``curves.png``) to the run folder's URI, file by file as they change
+    (:class:`raydet.fileio.MirroredFolder`):
+
+    * during an epoch, after an iteration, when ``interval_s`` seconds have passed since the previous copy (so the
+      log in the bucket is at most that much behind the console, plus the time to the next log line);
+    * after every epoch, with its evaluation (after the epoch's checkpoint is reported);
+    * at the end of the run (``curves.png`` is drawn then); the training command also copies them when the run
+      fails, before it reports the error.
+
+    Runs last (``LOWEST``), after the hooks that write the files.
+    """
+
+    priority = Priority.LOWEST
+
+    def __init__(self, folder, interval_s: float = 10.0):
+        self.folder = folder
+        self.interval_s = interval_s
+        self.last = time.monotonic()
+
+    def sync(self) -> None:
+        self.folder.sync()
+        self.last = time.monotonic()
+
+    def after_train_iter(self, runner):
+        if time.monotonic() - self.last >= self.interval_s:
+            self.sync()
+
+    def after_train_epoch(self, runner):
+        self.sync()
+
+    def after_run(self, runner):
+        self.sync()
 
 
 # --------------------------------------------------------------------------------------------------- progress

@@ -237,8 +237,14 @@ def predictions_to_coco_results(predictions: list[dict], image_ids: list[int], c
 
 
 def write_coco_results(results: list[dict], path: str | os.PathLike) -> str:
-    """Write COCO result entries as json (creating parent folders); returns the path."""
+    """Write COCO result entries as json (creating parent folders; a URI: :mod:`raydet.fileio`); returns the
+    path."""
+    from raydet import fileio
+
     path = os.fspath(path)
+    if fileio.is_uri(path):
+        fileio.write_text(path, json.dumps(results))
+        return path
     if os.path.dirname(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -1,13 +1,20 @@
 """MMDetection checkpoints -> raydet model state dicts, and back.
 
-Covers the R-50-FPN family of MMDetection 3.x (and 2.x, which uses the same names): Faster R-CNN, Mask R-CNN,
-RetinaNet and RPN (``faster-rcnn_r50_fpn_1x_coco`` etc.; any depth, class count or norm of the same layout), whose
-raydet pipelines (``pipelines/faster_rcnn_r50_fpn_1x_coco.yaml`` etc.) mirror MMDetection's configs. A checkpoint
-file is MMDetection's ``{"meta": {...}, "state_dict": {...}}``; :func:`raydet.interop.convert_checkpoint` reads the
-class names from ``meta['dataset_meta']['classes']`` (3.x) or ``meta['CLASSES']`` (2.x).
+Covers MMDetection 3.x (and 2.x, which uses the same names) configs whose raydet pipelines mirror them (any depth,
+class count or norm of the same layout): Faster R-CNN, Mask R-CNN, RetinaNet and RPN R50-FPN
+(``faster-rcnn_r50_fpn_1x_coco`` -> ``pipelines/faster_rcnn_r50_fpn_1x_coco.yaml`` etc.), SSD300 / SSD512
+(``ssd300_coco``), FSAF, FCOS (``fcos_r50-caffe_fpn_gn-head_1x_coco``), RetinaNet with GHM losses
+(``retinanet_r50_fpn_ghm-1x_coco``) and Guided Anchoring (``ga-retinanet`` / ``ga-rpn`` / ``ga-faster-rcnn``
+``_r50-caffe_fpn_1x_coco``). A checkpoint file is MMDetection's ``{"meta": {...}, "state_dict": {...}}``;
+:func:`raydet.interop.convert_checkpoint` reads the class names from ``meta['dataset_meta']['classes']`` (3.x) or
+``meta['CLASSES']`` (2.x).
 
-The class slots already agree (softmax heads: C classes then the background at index C; class-specific regressors
-and mask logits: C slots; sigmoid heads: anchor-major A x C channels), as do the ResNet backbone's names. What
+The class slots already agree (softmax heads, SSD's included: C classes then the background at index C;
+class-specific regressors and mask logits: C slots; sigmoid heads: anchor-major A x C channels), as do the names of
+the backbones (ResNet, SSD's VGG), of SSD's neck, of the head layers that are single convs (``retina_cls``,
+``conv_cls`` / ``conv_reg`` / ``conv_centerness`` of FCOS and GA-RPN, GA's ``conv_loc`` / ``conv_shape`` /
+``feature_adaption*``, SSD's ``cls_convs.l.0``), of FCOS's per-level ``scales.l.scale`` and of the GHM losses'
+buffers (``loss_cls.edges`` / ``acc_sum``: raydet's GHM-C / GHM-R keep the same bins and running counts). What
 differs is the nesting of layers:
 
 =====================================================  ===================================================
@@ -16,17 +23,28 @@ MMDetection                                            raydet
 ``neck.lateral_convs.i.conv`` / ``.bn`` / ``.gn``      ``neck.lateral_convs.i.0`` / ``.1``
 ``neck.fpn_convs.i.conv`` (i < L lateral convs)        ``neck.fpn_convs.i.0``
 ``neck.fpn_convs.i.conv`` (i >= L: extra levels)       ``neck.extra_convs.(i - L).0``
-``bbox_head.rpn_*`` (3.x RPN), ``rpn_head.rpn_*``      ``rpn_head.rpn_*``
+``bbox_head.*`` (3.x RPN detector) or ``rpn_head.*``    ``rpn_head.*`` (RPN, GA-RPN, two-stage detectors)
 ``rpn_head.rpn_conv.i.conv`` (``num_convs`` > 1)       ``rpn_head.rpn_conv.(2 i)`` (conv, ReLU pairs)
 ``roi_head.bbox_head.shared_fcs.i``                    ``roi_head.bbox_head.shared_fcs.(2 i)`` (Linear, ReLU)
 ``*.shared_convs.i`` / ``mask_head.convs.i`` /         the same tower, entry ``s i`` (conv) and ``s i + 1``
 ``bbox_head.cls_convs.i`` / ``reg_convs.i``            (norm), ``s`` = 3 with a norm (conv, norm, ReLU),
-``.conv`` / ``.bn`` / ``.gn`` (mmcv ``ConvModule``)    2 without (conv, ReLU)
+``.conv`` / ``.bn`` / ``.gn`` (mmcv ``ConvModule``)    2 without (conv, ReLU): RetinaNet, GHM, FSAF, FCOS
+                                                       (GN), GA-RetinaNet
 =====================================================  ===================================================
 
+and one layout: **SSD's prior order.** MMDetection's ``SSDAnchorGenerator`` (3.x and 2.x, with the
+``scale_major=False`` of its SSD configs) orders the priors of a location ``[min, sqrt(min max), 1/r1, r1, 1/r2,
+r2]`` (squares of side ``min`` and ``sqrt(min max)``, then side-``min`` boxes of each ratio ``r = h / w``), raydet's
+``[min, 1/r1, r1, 1/r2, r2, sqrt(min max)]``; SSD's classifier (A x (C + 1) channels) and regressor (A x 4) of each
+level are prior-major, so their output channels (weight rows and bias) move prior by prior
+(:func:`ssd_prior_order`).
+
 BatchNorm step counters (``num_batches_tracked``) are dropped when the pipeline's norm layer (FrozenBN) has none.
-Every other tensor is passed on unchanged; one that has no place fails the conversion (see
-:func:`~raydet.interop.report.check_complete`). :func:`to_mmdet` is the inverse: raydet names -> MMDetection's.
+Every other tensor is passed on (SSD's reordered); one that has no place fails the conversion (see
+:func:`~raydet.interop.report.check_complete`), as does a model tensor without a source, except the GHM losses'
+buffers, which MMDetection's early GHM losses did not save (the model zoo's 2020 GHM checkpoint): they keep their
+initial values (the config's bins, zero running counts; reported in ``report.filled``). :func:`to_mmdet` is the
+inverse: raydet names and layouts -> MMDetection's.
 """
 from __future__ import annotations
 
@@ -38,12 +56,78 @@ from torch import nn
 
 from raydet.interop.report import ConversionError, ConversionReport, check_complete
 
-__all__ = ["convert_mmdet", "to_mmdet"]
+__all__ = ["convert_mmdet", "ssd_prior_order", "to_mmdet"]
 
 Tensor = torch.Tensor
 
 _TOWERS = r"(roi_head\.bbox_head\.shared_convs|roi_head\.mask_head\.convs|bbox_head\.cls_convs|bbox_head\.reg_convs)"
 _PART = {"conv": 0, "bn": 1, "gn": 1}  # mmcv ConvModule's layer names (norm: "bn" for BN / SyncBN, "gn" for GN)
+
+# Layers whose keys are the same on both sides, by the detectors that have them (the backbone's keys, ResNet's and
+# SSD's VGG's, pass unchanged too). An RPN detector's head is ``rpn_head`` here (see ``_rpn_only``).
+_SAME_NAMES = [
+    r"roi_head\.bbox_head\.(?:fc_cls|fc_reg)\.(?:weight|bias)",                    # R-CNN box heads' logits
+    r"roi_head\.mask_head\.(?:upsample|conv_logits)\.(?:weight|bias)",             # Mask R-CNN
+    r"rpn_head\.rpn_(?:conv|cls|reg)\.(?:weight|bias)",                            # RPN; GA-RPN's rpn_conv
+    r"bbox_head\.retina_(?:cls|reg)\.(?:weight|bias)",                             # RetinaNet, GHM, FSAF, GA-RetinaNet
+    r"(?:bbox|rpn)_head\.conv_(?:cls|reg)\.(?:weight|bias)",                       # FCOS, GA-RPN
+    r"bbox_head\.conv_centerness\.(?:weight|bias)|bbox_head\.scales\.\d+\.scale",   # FCOS (mmcv Scale per level)
+    r"(?:bbox|rpn)_head\.conv_(?:loc|shape)\.(?:weight|bias)",                     # Guided Anchoring
+    r"(?:bbox|rpn)_head\.feature_adaption(?:_cls|_reg)?\.conv_(?:offset|adaption)\.weight",  # GA's DCN adaption
+    r"bbox_head\.loss_(?:cls|bbox)\.(?:edges|acc_sum)",                            # GHM-C / GHM-R bins and counts
+    r"neck\.l2_norm\.weight|neck\.extra_layers\.\d+\.\d+\.conv\.(?:weight|bias)",    # SSDNeck
+]
+_SAME = re.compile(r"^(?:backbone\..+|" + "|".join(_SAME_NAMES) + r")$")
+# SSDHead's per-level classifier and regressor: the same names, another prior order (see ``_LAYOUTS``)
+_SSD_HEAD = re.compile(r"^bbox_head\.(?:cls|reg)_convs\.(\d+)\.0\.(?:weight|bias)$")
+
+
+def ssd_prior_order(num_priors: int) -> list[int]:
+    """MMDetection's index of each of raydet's ``num_priors`` SSD priors at a location (see the module docstring):
+    ``[0, 2, 3, ..., A - 1, 1]``, e.g. ``[0, 2, 3, 1]`` for SSD's 4 priors and ``[0, 2, 3, 4, 5, 1]`` for its 6."""
+    if num_priors < 2:
+        raise ConversionError(f"an SSD location has at least 2 priors (the two squares), got {num_priors}")
+    return [0, *range(2, num_priors), 1]
+
+
+def _ssd_reorder(state: dict[str, Tensor], key: str, tensor: Tensor, to_raydet: bool) -> Tensor:
+    """An SSD head conv's weight / bias (A x K output channels, prior-major) in the other library's prior order;
+    A of its level is read from the level's regressor in ``state`` (A x 4 channels)."""
+    level = _SSD_HEAD.match(key)[1]
+    reg = state.get(f"bbox_head.reg_convs.{level}.0.weight")
+    if reg is None or reg.shape[0] % 4 or tensor.shape[0] % (reg.shape[0] // 4):
+        raise ConversionError(f"{key} {list(tensor.shape)}: an SSD head conv needs its level's regressor "
+                              f"bbox_head.reg_convs.{level}.0.weight (priors x 4 channels) beside it, got "
+                              f"{None if reg is None else list(reg.shape)}")
+    order = ssd_prior_order(reg.shape[0] // 4)
+    if not to_raydet:  # the inverse permutation
+        order = sorted(range(len(order)), key=order.__getitem__)
+    return tensor.reshape(len(order), -1, *tensor.shape[1:])[order].reshape(tensor.shape)
+
+
+# Tensors whose layout differs beyond the name: (raydet key pattern, relayout(state, key, tensor, to_raydet), note
+# for the report). ``state`` is the state dict the tensor comes from.
+_LAYOUTS: list[tuple[re.Pattern, Callable, str]] = [
+    (_SSD_HEAD, _ssd_reorder, ("SSD priors of a location reordered (MMDetection [min, sqrt(min max), ratios...] "
+                               "-> raydet [min, ratios..., sqrt(min max)])")),
+]
+
+
+def _initial_loss_buffer(model: nn.Module, key: str) -> Tensor:
+    """A GHM loss buffer at its initial value: that of a new loss of the same kind, ``bins`` and ``momentum`` (the
+    region edges; zero running counts)."""
+    name, buffer = key.rsplit(".", 1)
+    loss = model.get_submodule(name)
+    return getattr(type(loss)(bins=loss.bins, momentum=loss.momentum), buffer)
+
+
+# Model tensors a source may lack, then set to their initial values and reported: (raydet key pattern,
+# value(model, key), reason). Tensors of the model, not weights: a conversion never invents a weight.
+_MAY_LACK: list[tuple[re.Pattern, Callable, str]] = [
+    (re.compile(r"^bbox_head\.loss_(?:cls|bbox)\.(?:edges|acc_sum)$"), _initial_loss_buffer,
+     ("GHM-C / GHM-R training state; MMDetection's early GHM losses (the model zoo's 2020 GHM checkpoint) kept "
+      "it out of the state_dict, and MMDetection's own loader leaves it at its initial value too")),
+]
 
 
 def _stride(state: dict, prefix: str) -> int:
@@ -56,8 +140,15 @@ def _num_laterals(keys, prefix: str) -> int:
     return len({m[1] for k in keys for m in [re.match(rf"^{re.escape(prefix)}\.(\d+)\.", k)] if m})
 
 
+def _rpn_only(keys) -> bool:
+    """Whether raydet ``keys`` are an RPN detector's (an ``rpn_head``, no ``bbox_head`` / ``roi_head``), whose head
+    MMDetection 3.x names ``bbox_head``."""
+    heads = {k.split(".", 1)[0] for k in keys}
+    return "rpn_head" in heads and not heads & {"bbox_head", "roi_head"}
+
+
 def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
-    """(MMDetection key pattern, raydet key of (match, target state))."""
+    """(MMDetection key pattern, raydet key of (match, target state)); an RPN's head already named ``rpn_head``."""
     laterals = _num_laterals(source, "neck.lateral_convs")
 
     def fpn(m, t):
@@ -70,18 +161,16 @@ def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
         return f"{prefix}.{_stride(t, prefix) * block + _PART[part]}.{param}"
 
     return [
-        (r"^backbone\.(.+)$", lambda m, t: f"backbone.{m[1]}"),
+        (_SAME.pattern, lambda m, t: m[0]),
+        (_SSD_HEAD.pattern, lambda m, t: m[0]),
         (r"^neck\.lateral_convs\.(\d+)\.(conv|bn|gn)\.(.+)$",
          lambda m, t: f"neck.lateral_convs.{m[1]}.{_PART[m[2]]}.{m[3]}"),
         (r"^neck\.fpn_convs\.(\d+)\.(conv|bn|gn)\.(.+)$", fpn),
-        (r"^(?:rpn_head|bbox_head)\.rpn_conv\.(\d+)\.conv\.(.+)$",
+        (r"^rpn_head\.rpn_conv\.(\d+)\.conv\.(.+)$",
          lambda m, t: tower("rpn_head.rpn_conv", int(m[1]), "conv", m[2], t)),
-        (r"^(?:rpn_head|bbox_head)\.(rpn_(?:conv|cls|reg))\.(weight|bias)$", lambda m, t: f"rpn_head.{m[1]}.{m[2]}"),
         (r"^roi_head\.bbox_head\.shared_fcs\.(\d+)\.(.+)$",
          lambda m, t: f"roi_head.bbox_head.shared_fcs.{2 * int(m[1])}.{m[2]}"),
         (rf"^{_TOWERS}\.(\d+)\.(conv|bn|gn)\.(.+)$", lambda m, t: tower(m[1], int(m[2]), m[3], m[4], t)),
-        (r"^(roi_head\.bbox_head\.(?:fc_cls|fc_reg)|roi_head\.mask_head\.(?:upsample|conv_logits)"
-         r"|bbox_head\.(?:retina_cls|retina_reg))\.(.+)$", lambda m, t: f"{m[1]}.{m[2]}"),
     ]
 
 
@@ -121,7 +210,8 @@ def convert_mmdet(state: dict[str, Tensor], model: nn.Module, source: str = "che
 
     Returns:
         (the model's full state dict, the report). The report's ``classes`` / ``cat_ids`` name each label (COCO
-        category ids when the names are COCO's 80 classes; ``class_<i>`` and 1..C without names).
+        category ids when the names are COCO's 80 classes; ``class_<i>`` and 1..C without names); its ``filled``
+        lists the GHM loss buffers the source lacked, set to their initial values.
 
     Raises:
         ConversionError: another architecture (a source tensor with no place, a model tensor with no source, a
@@ -132,26 +222,37 @@ def convert_mmdet(state: dict[str, Tensor], model: nn.Module, source: str = "che
     mapped: dict[str, Tensor] = {}
     unplaced: list[tuple[str, tuple[int, ...]]] = []
     rules = [(re.compile(p), f) for p, f in _forward_rules(state)]
+    rpn = _rpn_only(target)  # MMDetection 3.x names an RPN detector's head bbox_head (2.x rpn_head, as raydet)
     for key, value in state.items():
         if not isinstance(value, torch.Tensor):
             raise ConversionError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor "
                                   "(is this an MMDetection state_dict?)")
-        dest = next((f(m, target) for p, f in rules for m in [p.match(key)] if m), None)
+        name = f"rpn_head.{key[len('bbox_head.'):]}" if rpn and key.startswith("bbox_head.") else key
+        dest = next((f(m, target) for p, f in rules for m in [p.match(name)] if m), None)
         if dest is None or dest not in target:
             if key.endswith("num_batches_tracked"):
                 report.drop(key, value, "BatchNorm step counter; the model's norm layer (FrozenBN) has none")
             else:
                 unplaced.append((key, tuple(value.shape)))
             continue
-        mapped[dest] = value.detach().to(target[dest].dtype)  # the same tensor when the dtype agrees
-        report.place(key, value, dest)
+        moved, note = value, ""
+        for pattern, relayout, why in _LAYOUTS:
+            if pattern.match(dest):
+                moved, note = relayout(state, dest, value, to_raydet=True), why
+        mapped[dest] = moved.detach().to(target[dest].dtype)  # the same tensor when the dtype and layout agree
+        report.place(key, value, dest, note)
+    for key in (k for k in target if k not in mapped):
+        for pattern, initial, why in _MAY_LACK:
+            if pattern.match(key):
+                mapped[key] = initial(model, key).to(target[key].dtype)
+                report.fill(key, mapped[key], why)
     check_complete(mapped, target, unplaced, source)
     report.classes, report.cat_ids = _classes(model, class_names, source)
     return {k: mapped[k] for k in target}, report
 
 
 def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tensor]:
-    """The inverse of :func:`convert_mmdet`: a raydet detector's state dict with MMDetection's names.
+    """The inverse of :func:`convert_mmdet`: a raydet detector's state dict with MMDetection's names and layouts.
 
     Args:
         state: a raydet model's ``state_dict()`` (or a raydet checkpoint's ``model``) of a pipeline that
@@ -159,8 +260,9 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
         mmdet_version: 3 names an RPN detector's head ``bbox_head`` (MMDetection 3.x), 2 ``rpn_head`` (2.x).
 
     Returns:
-        MMDetection key -> the same tensor (not copied), in raydet's order: MMDetection's ``load_state_dict``
-        reads it. A FrozenBN pipeline has no ``num_batches_tracked`` counters to give.
+        MMDetection key -> the same tensor (not copied; SSD's head convs: reordered copies), in raydet's order:
+        MMDetection's ``load_state_dict`` reads it. A FrozenBN pipeline has no ``num_batches_tracked`` counters to
+        give.
 
     Raises:
         ConversionError: a key no rule covers (a model of another architecture).
@@ -168,8 +270,7 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
     if mmdet_version not in (2, 3):
         raise ConversionError(f"mmdet_version must be 2 or 3, got {mmdet_version}")
     laterals = _num_laterals(state, "neck.lateral_convs")
-    rpn_only = not any(k.startswith("roi_head.") for k in state)
-    rpn_prefix = "bbox_head" if rpn_only and mmdet_version == 3 else "rpn_head"
+    rpn_as_bbox_head = _rpn_only(state) and mmdet_version == 3
 
     def part(prefix: str, index: int, stride: int) -> str:
         """mmcv ConvModule's name of tower entry ``index``: its conv, or its norm ("bn" or "gn")."""
@@ -183,19 +284,16 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
         return f"{prefix}.{index // stride}.{part(prefix, index, stride)}.{m[3]}"
 
     rules: list[tuple[str, Callable]] = [
-        (r"^backbone\.(.+)$", lambda m: f"backbone.{m[1]}"),
+        (_SAME.pattern, lambda m: m[0]),
+        (_SSD_HEAD.pattern, lambda m: m[0]),  # before the towers: SSD's cls_convs.<level>.0
         (r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.(\d+)\.(.+)$",
          lambda m: f"neck.{m[1]}.{m[2]}.{part(f'neck.{m[1]}.{m[2]}', int(m[3]), 2)}.{m[4]}"),
         (r"^neck\.extra_convs\.(\d+)\.(\d+)\.(.+)$",
          lambda m: f"neck.fpn_convs.{laterals + int(m[1])}.{part(f'neck.extra_convs.{m[1]}', int(m[2]), 2)}.{m[3]}"),
-        (r"^rpn_head\.rpn_conv\.(\d+)\.(weight|bias)$",
-         lambda m: f"{rpn_prefix}.rpn_conv.{int(m[1]) // 2}.conv.{m[2]}"),
-        (r"^rpn_head\.(rpn_(?:conv|cls|reg))\.(weight|bias)$", lambda m: f"{rpn_prefix}.{m[1]}.{m[2]}"),
+        (r"^rpn_head\.rpn_conv\.(\d+)\.(weight|bias)$", lambda m: f"rpn_head.rpn_conv.{int(m[1]) // 2}.conv.{m[2]}"),
         (r"^roi_head\.bbox_head\.shared_fcs\.(\d+)\.(.+)$",
          lambda m: f"roi_head.bbox_head.shared_fcs.{int(m[1]) // 2}.{m[2]}"),
         (rf"^{_TOWERS}\.(\d+)\.(.+)$", tower),
-        (r"^(roi_head\.bbox_head\.(?:fc_cls|fc_reg)|roi_head\.mask_head\.(?:upsample|conv_logits)"
-         r"|bbox_head\.(?:retina_cls|retina_reg))\.(.+)$", lambda m: f"{m[1]}.{m[2]}"),
     ]
     compiled = [(re.compile(p), f) for p, f in rules]
     out: dict[str, Tensor] = {}
@@ -204,5 +302,10 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
         if new is None:
             raise ConversionError(f"no MMDetection name for {key} {list(value.shape)} (a model of another "
                                   "architecture?)")
+        for pattern, relayout, _ in _LAYOUTS:
+            if pattern.match(key):
+                value = relayout(state, key, value, to_raydet=False)
+        if rpn_as_bbox_head and new.startswith("rpn_head."):
+            new = f"bbox_head.{new[len('rpn_head.'):]}"
         out[new] = value
     return out

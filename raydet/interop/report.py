@@ -39,11 +39,14 @@ class ConversionReport:
     Attributes:
         source_format: e.g. ``"torchvision"``.
         placements: one per source tensor, in the source's order.
+        filled: model tensors the source lacks that the converter may set itself (``target``: the model key), each
+            at its initial value with the reason (e.g. a loss's state an older checkpoint did not save).
         classes, cat_ids: the model's class names and category ids (label ``i`` -> ``classes[i]``).
     """
 
     source_format: str
     placements: list[Placement] = dataclasses.field(default_factory=list)
+    filled: list[Placement] = dataclasses.field(default_factory=list)
     classes: list[str] = dataclasses.field(default_factory=list)
     cat_ids: list[int] = dataclasses.field(default_factory=list)
 
@@ -52,6 +55,9 @@ class ConversionReport:
 
     def drop(self, source: str, tensor: torch.Tensor, reason: str) -> None:
         self.placements.append(Placement(source, tuple(tensor.shape), None, reason))
+
+    def fill(self, target: str, tensor: torch.Tensor, reason: str) -> None:
+        self.filled.append(Placement("", tuple(tensor.shape), target, reason))
 
     @property
     def placed(self) -> list[Placement]:
@@ -62,7 +68,8 @@ class ConversionReport:
         return [p for p in self.placements if p.target is None]
 
     def summary(self) -> str:
-        """A few lines: counts, then each dropped tensor (grouped by reason) and each placement with a note."""
+        """A few lines: counts, then each dropped tensor (grouped by reason), each placement with a note and each
+        model tensor filled at its initial value."""
         lines = [f"{len(self.placed)} source tensors placed, {len(self.dropped)} dropped ({self.source_format})"]
         reasons: dict[str, list[str]] = {}
         for p in self.dropped:
@@ -73,13 +80,16 @@ class ConversionReport:
         for p in self.placed:
             if p.note:
                 lines.append(f"  {p.source} {list(p.shape)} -> {p.target}: {p.note}")
+        for p in self.filled:
+            lines.append(f"  {p.target} {list(p.shape)} not in the source, set to its initial value: {p.note}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         """A JSON-able record for the converted checkpoint's meta."""
         return {"source_format": self.source_format,
                 "placed": [[p.source, p.target, p.note] for p in self.placed],
-                "dropped": [[p.source, p.note] for p in self.dropped]}
+                "dropped": [[p.source, p.note] for p in self.dropped],
+                **({"filled": [[p.target, p.note] for p in self.filled]} if self.filled else {})}
 
 
 def check_complete(mapped: dict[str, torch.Tensor], model_state: dict[str, torch.Tensor],

@@ -2,7 +2,8 @@
 
 Covers the ResNet-FPN detectors of ``torchvision.models.detection``: ``fasterrcnn_resnet50_fpn[_v2]``,
 ``maskrcnn_resnet50_fpn[_v2]`` and ``retinanet_resnet50_fpn[_v2]`` (any depth or class count of the same layout),
-as saved by ``model.state_dict()`` (the files torchvision downloads, or a training script's ``{"model": ...}``).
+and ``ssd300_vgg16``, as saved by ``model.state_dict()`` (the files torchvision downloads, or a training script's
+``{"model": ...}``).
 
 What differs besides the names:
 
@@ -12,10 +13,18 @@ What differs besides the names:
   COCO category id (0 background, 10 ids COCO never used, 80 classes); raydet's COCO models have the 80 classes in
   category-id order. Class-specific regressors and mask logits have one slot per torchvision class including the
   background; raydet has one per class. RetinaNet's sigmoid logits (A anchors x 91 slots per location) keep the
-  80 class slots of each anchor.
+  80 class slots of each anchor. SSD's softmax logits (A priors x 91 slots per location) are reordered per prior as
+  the R-CNN softmax (the 10 unused slots after the background, ``SSDHead(num_unused_classes=10)``).
+* **SSD's prior order.** torchvision's ``DefaultBoxGenerator`` orders a location's priors ``[s_k, sqrt(s_k s_k+1),
+  r1 wide, r1 tall, r2 wide, r2 tall]``, raydet's ``SSDAnchorGenerator`` ``[s_k, r1 wide, r1 tall, ..., sqrt(s_k
+  s_k+1)]``: the class and box outputs of each prior move with it.
 * **Layouts.** ``Conv2dNormActivation`` blocks (conv, norm) become raydet's flat conv towers (conv[, norm], ReLU);
   torchvision's pre-v2 names (``rpn.head.conv.weight``, ``inner_blocks.0.weight``, ``mask_fcn1``, RetinaNet's
-  ``conv.2.weight``) are read as torchvision's ``_load_from_state_dict`` reads them.
+  ``conv.2.weight``) are read as torchvision's ``_load_from_state_dict`` reads them. SSD's VGG (``features`` up
+  to conv4_3, then ``extra.0``: pool4 to conv5_3 and a Sequential of pool5, fc6, fc7) is raydet's one ``features``
+  Sequential at the same layer indices; ``scale_weight`` is the neck's ``l2_norm.weight``, ``extra.<k>`` (k >= 1)
+  the neck's ``extra_layers.<k-1>``, ``{classification,regression}_head.module_list.<l>`` the head's
+  ``{cls,reg}_convs.<l>``.
 * **BatchNorm step counters** (``num_batches_tracked``, written by models built with ``nn.BatchNorm2d``) are dropped
   when the pipeline uses FrozenBN, which has none.
 
@@ -90,6 +99,9 @@ def _rules(source: dict) -> list[tuple[str, Callable, str]]:
     convs = {int(m[1]) for k in source for m in [re.match(r"^roi_heads\.box_head\.(\d+)\.0\.weight$", k)]
              if m and source[k].dim() == 4}
     n_convs = len(convs)
+    # SSD's VGG: `features` ends with conv4_3's ReLU (one past its last conv), pool4 is extra.0.0
+    vgg = [int(m[1]) for k in source for m in [re.match(r"^backbone\.features\.(\d+)\.weight$", k)] if m]
+    pool4 = max(vgg) + 2 if vgg else 0
     return [
         (r"^backbone\.body\.(.+)$", lambda m, t: f"backbone.{m[1]}", ""),
         (r"^backbone\.fpn\.inner_blocks\.(\d+)\.(\d+)\.(.+)$", lambda m, t: f"neck.lateral_convs.{m[1]}.{m[2]}.{m[3]}",
@@ -119,6 +131,18 @@ def _rules(source: dict) -> list[tuple[str, Callable, str]]:
         (r"^head\.regression_head\.conv\.(\d+)\.(\d+)\.(.+)$",
          lambda m, t: _tower(t, "bbox_head.reg_convs", int(m[1]), int(m[2]), m[3]), ""),
         (r"^head\.regression_head\.bbox_reg\.(.+)$", lambda m, t: f"bbox_head.retina_reg.{m[1]}", ""),
+        (r"^backbone\.features\.(\d+)\.(weight|bias)$", lambda m, t: f"backbone.features.{m[1]}.{m[2]}", ""),
+        (r"^backbone\.extra\.0\.(\d+)\.(weight|bias)$", lambda m, t: f"backbone.features.{pool4 + int(m[1])}.{m[2]}",
+         ""),
+        (r"^backbone\.extra\.0\.(\d+)\.(\d+)\.(weight|bias)$",
+         lambda m, t: f"backbone.features.{pool4 + int(m[1]) + int(m[2])}.{m[3]}", ""),
+        (r"^backbone\.extra\.(\d+)\.(\d+)\.(weight|bias)$",
+         lambda m, t: f"neck.extra_layers.{int(m[1]) - 1}.{int(m[2]) // 2}.conv.{m[3]}", ""),
+        (r"^backbone\.scale_weight$", lambda m, t: "neck.l2_norm.weight", ""),
+        (r"^head\.classification_head\.module_list\.(\d+)\.(.+)$", lambda m, t: f"bbox_head.cls_convs.{m[1]}.0.{m[2]}",
+         "ssd_cls"),
+        (r"^head\.regression_head\.module_list\.(\d+)\.(.+)$", lambda m, t: f"bbox_head.reg_convs.{m[1]}.0.{m[2]}",
+         "ssd_reg"),
     ]
 
 
@@ -163,10 +187,26 @@ class _Slots:
         return " and ".join(parts)
 
 
+def _ssd_prior_order(a: int) -> list[int]:
+    """torchvision's index of each of raydet's ``a`` SSD priors at a location (see the module docstring)."""
+    return [0, *range(2, a), 1]
+
+
 def _class_slots(kind: str, tensor: Tensor, target: Tensor, slots: _Slots, num_unused: int,
                  num_anchors: int) -> tuple[Tensor, str]:
     """Select / reorder the class slots of one head tensor (dim 0); returns the tensor and a note."""
     s = slots
+    if kind in ("ssd_cls", "ssd_reg"):  # (A * K, ...) prior-major: priors to raydet's order, then a softmax's slots
+        per = s.num_slots if kind == "ssd_cls" else 4
+        if tensor.shape[0] % per:
+            raise ConversionError(f"SSD head outputs have {tensor.shape[0]} channels, not priors x {per}")
+        a = tensor.shape[0] // per
+        out = tensor.reshape(a, per, *tensor.shape[1:])[_ssd_prior_order(a)]
+        note = f"{a} priors per location reordered (torchvision's 2nd, the sqrt(s_k s_k+1) square, last)"
+        if kind == "ssd_cls":
+            by_slot, slot_note = _class_slots("softmax", out.transpose(0, 1), target, s, num_unused, num_anchors)
+            out, note = by_slot.transpose(0, 1), f"{note}; per prior {slot_note}"
+        return out.reshape(-1, *tensor.shape[1:]), note
     if kind == "softmax":  # [classes..., background, unused...]: torchvision's softmax over all its slots
         if s.background is None:
             raise ConversionError("a softmax classifier needs a background slot")
@@ -212,12 +252,16 @@ def _class_slots(kind: str, tensor: Tensor, target: Tensor, slots: _Slots, num_u
 
 
 def _head_info(model: nn.Module) -> tuple[str, int, int, int]:
-    """(class-head kind, num_classes, num_unused_classes, anchors per location) of a raydet detector."""
+    """(class-head kind, num_classes, num_unused_classes, anchors per location (SSD: of its first level)) of a
+    raydet detector."""
     roi_head = getattr(model, "roi_head", None)
     if roi_head is not None:
         head = roi_head.bbox_head
         return "softmax", head.num_classes, int(getattr(head, "num_unused_classes", 0)), 0
     bbox_head = getattr(model, "bbox_head", None)
+    if bbox_head is not None and not getattr(bbox_head, "use_sigmoid_cls", True):  # SSD: a softmax per prior
+        return ("ssd", bbox_head.num_classes, int(getattr(bbox_head, "num_unused_classes", 0)),
+                bbox_head.num_base_priors[0])
     if bbox_head is not None:
         return "sigmoid", bbox_head.num_classes, 0, bbox_head.num_anchors
     return "", 0, 0, 0
@@ -248,11 +292,12 @@ def convert_torchvision(state: dict[str, Tensor], model: nn.Module, source: str 
     kind, num_classes, num_unused, num_anchors = _head_info(model)
     slots = None
     cls_key = {"softmax": "roi_heads.box_predictor.cls_score.weight",
-               "sigmoid": "head.classification_head.cls_logits.weight"}.get(kind)
+               "sigmoid": "head.classification_head.cls_logits.weight",
+               "ssd": "head.classification_head.module_list.0.weight"}.get(kind)
     if cls_key in state:
         rows = state[cls_key].shape[0]
         num_slots = rows if kind == "softmax" else rows // max(num_anchors, 1)
-        slots = _Slots(num_slots, num_classes, background=kind == "softmax", class_names=class_names,
+        slots = _Slots(num_slots, num_classes, background=kind in ("softmax", "ssd"), class_names=class_names,
                        where=f"{source} ({cls_key} {list(state[cls_key].shape)})")
 
     report = ConversionReport("torchvision")

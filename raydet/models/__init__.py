@@ -4,8 +4,17 @@ from raydet.models.task_modules import assigners, coders, prior_generators, samp
 from raydet.models.backbones import resnet  # noqa: F401
 from raydet.models.necks import fpn  # noqa: F401
 from raydet.models.dense_heads import rpn_head, retina_head  # noqa: F401
+from raydet.models.dense_heads import fsaf_head  # noqa: F401
 from raydet.models.roi_heads import bbox_head, mask_head, roi_extractor, standard_roi_head  # noqa: F401
 from raydet.models.detectors import detectors  # noqa: F401
+from raydet.models.dense_heads import guided_anchor_head, ga_retina_head, ga_rpn_head  # noqa: F401
+from raydet.models.detectors import fsaf  # noqa: F401
+from raydet.models.dense_heads import fcos_head  # noqa: F401
+from raydet.models.detectors import fcos  # noqa: F401
+from raydet.models.backbones import ssd_vgg  # noqa: F401
+from raydet.models.necks import ssd_neck  # noqa: F401
+from raydet.models.dense_heads import ssd_head  # noqa: F401
+from raydet.models.detectors import ssd  # noqa: F401
 import raydet.ops  # noqa: F401  (registers the deformable conv modules)
 
 

@@ -1,11 +1,12 @@
 """Small building blocks shared by heads."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from raydet.models.norm import build_norm_layer
 
-__all__ = ["conv_tower"]
+__all__ = ["conv_tower", "Scale"]
 
 
 def conv_tower(in_channels: int, channels: int, num_convs: int, norm_cfg: dict | None) -> nn.Sequential:
@@ -17,3 +18,15 @@ def conv_tower(in_channels: int, channels: int, num_convs: int, norm_cfg: dict |
             layers.append(build_norm_layer(norm_cfg, channels))
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
+
+
+class Scale(nn.Module):
+    """A learnable scalar multiplier ``scale`` (init ``scale``), e.g. one per pyramid level of a head whose
+    regression branch is shared across levels (FCOS, Tian et al. 2019, Sec. 3.3; mmcv's ``Scale``)."""
+
+    def __init__(self, scale: float = 1.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale

@@ -44,16 +44,24 @@ class AnchorHead(nn.Module, ABC):
         loss_avg: ``"batch"``: each loss is its sum over the batch divided by the batch's positives (or sampled
             anchors when sampling; MMDetection); ``"image"``: each image's sum divided by its own positives
             (at least 1), then the mean over images (torchvision's RetinaNet).
+
+    ``use_sigmoid_cls`` (class attribute): True, C sigmoid outputs per anchor (RPN, RetinaNet); a subclass that
+    sets it False classifies with a softmax over C + 1 outputs, background last (SSD), and its ``loss_cls`` must
+    have ``use_sigmoid: false``.
     """
+
+    use_sigmoid_cls: bool = True
 
     def __init__(self, num_classes: int, anchor_generator: AnchorGenerator, bbox_coder: DeltaXYWHBBoxCoder,
                  loss_cls: nn.Module, loss_bbox: nn.Module, assigner, sampler=None, allowed_border: float = -1,
                  pos_weight: float = -1, padding_anchors: bool = False, loss_avg: str = "batch"):
         super().__init__()
-        if not getattr(loss_cls, "use_sigmoid", True):
-            raise ValueError("dense heads classify with sigmoid outputs: set loss_cls.use_sigmoid: true")
+        if bool(getattr(loss_cls, "use_sigmoid", True)) != self.use_sigmoid_cls:
+            kind = "sigmoid" if self.use_sigmoid_cls else "softmax"
+            raise ValueError(f"{type(self).__name__} classifies with {kind} outputs: set loss_cls.use_sigmoid: "
+                             f"{str(self.use_sigmoid_cls).lower()}")
         self.num_classes = num_classes
-        self.cls_out_channels = num_classes
+        self.cls_out_channels = num_classes if self.use_sigmoid_cls else num_classes + 1
         self.anchor_generator = anchor_generator
         self.num_anchors = anchor_generator.num_base_anchors
         self.bbox_coder = bbox_coder
