@@ -27,6 +27,7 @@ from raydet.evaluation import coco_from_records, evaluate_coco, evaluate_proposa
 from raydet.models.dense_heads.guided_anchor_head import FeatureAdaption, ga_loc_targets
 from raydet.models.task_modules.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from raydet.models.task_modules.prior_generators import AnchorGenerator
+from test_detectors import _train  # the overfit tests' shared AdamW loop
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINES = ROOT / "pipelines"
@@ -270,27 +271,6 @@ TINY = ["num_classes=3", "model.backbone.depth=18", "model.backbone.frozen_stage
 TINY_RPN = ["model.rpn_head.in_channels=64", "model.rpn_head.feat_channels=64",
             "model.rpn_head.train_proposals={nms_pre: 500, nms_post: 500, max_per_img: 300, nms_iou: 0.7}",
             "model.rpn_head.test_proposals={nms_pre: 500, nms_post: 500, max_per_img: 300, nms_iou: 0.7}"]
-
-
-def _train(model, batch, iters: int, lr: float = 1e-3, warmup: int = 20):
-    """AdamW on one fixed batch (the reference SGD schedule needs thousands of iterations)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    model.train()
-    first = last = None
-    for it in range(iters):
-        for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, 0.1 + 0.9 * it / warmup)
-        losses = model(batch)
-        loss = sum(losses.values())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 10.0)
-        opt.step()
-        last = {k: float(v.detach()) for k, v in losses.items()}
-        first = first if first is not None else last
-    model.eval()
-    return first, last
 
 
 @pytest.fixture(scope="module")
