@@ -10,6 +10,7 @@ Losses whose class attribute ``takes_decoded_boxes`` is True (IoU, GIoU, bounded
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Literal
 
 import torch
@@ -83,11 +84,12 @@ class BaseLoss(nn.Module):
         return f"reduction={self.reduction!r}, loss_weight={self.loss_weight}"
 
 
-class ElementwiseBoxLoss(BaseLoss):
-    """Element loss on (N, 4) pred / target; weight (N,) or (N, 4)."""
+class ElementwiseBoxLoss(BaseLoss, ABC):
+    """Element loss on (N, 4) pred / target; weight (N,) or (N, 4). A subclass defines ``element_loss``."""
 
-    def element_loss(self, diff: Tensor) -> Tensor:  # |pred - target|
-        raise NotImplementedError
+    @abstractmethod
+    def element_loss(self, diff: Tensor) -> Tensor:
+        """(N, 4) element losses of ``diff = |pred - target|``."""
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
                 avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
@@ -101,13 +103,15 @@ class ElementwiseBoxLoss(BaseLoss):
         return self.loss_weight * weight_reduce_loss(loss, per_box_weight(weight, loss), reduction, avg_factor)
 
 
-class DecodedBoxLoss(BaseLoss):
-    """pred / target (N, 4) boxes x1, y1, x2, y2; weight (N,) or (N, 4) (the latter is averaged to (N,))."""
+class DecodedBoxLoss(BaseLoss, ABC):
+    """pred / target (N, 4) boxes x1, y1, x2, y2; weight (N,) or (N, 4) (the latter is averaged to (N,)). A subclass
+    defines ``box_loss``."""
 
     takes_decoded_boxes = True
 
+    @abstractmethod
     def box_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        """(N,) or (N, 4) losses of the (N, 4) predicted boxes against the target boxes."""
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None,
                 avg_factor: float | Tensor | None = None, reduction_override: str | None = None) -> Tensor:
