@@ -235,6 +235,60 @@ def test_predict_scores_are_class_times_centerness():
     torch.testing.assert_close(res["boxes"], torch.tensor([[5, 1, 8, 2.5], [0.5, 4.5, 3.5, 7.5]]))
 
 
+def test_open_regress_ranges_exclude_both_ends():
+    """The box D = (60, 60, 180, 180) alone: stride-8 point (124, 124) has max distance 64, the shared end of
+    [-1, 64] and [64, 128]. Closed ranges (MMDetection) make it positive; open ones (torchvision) do not, and its
+    stride-16 point (120, 120) (max 60 < 64) is negative either way."""
+    closed, _ = _targets(_head(), SIZES_256, [[60, 60, 180, 180]], [0])
+    opened, _ = _targets(_head(regress_range_bounds="open"), SIZES_256, [[60, 60, 180, 180]], [0])
+    assert closed[(0, 124, 124)] == (0, [64, 64, 56, 56])
+    assert opened[(0, 124, 124)][0] == 2
+    assert closed[(1, 120, 120)][0] == opened[(1, 120, 120)][0] == 2
+    with pytest.raises(ValueError, match="regress_range_bounds"):
+        _head(regress_range_bounds="half")
+
+
+def test_uniform_bbox_loss_weight_averages_over_positives():
+    """Two positives with different centre-ness: box (0, 0, 16, 32) on one stride-8 level of a 32 x 32 image,
+    predicted distances all 6. Points (4, 4|12|20|28) and (12, 4|...) lie inside; take the loss per point
+    l_i = -log IoU_i by hand and check 'uniform' = mean(l_i), 'centerness' = sum(c_i l_i) / sum(c_i)."""
+    box = [0.0, 0.0, 16.0, 32.0]
+    kw = {"strides": [8], "regress_ranges": [[-1, 1e8]]}
+    outputs = ([torch.zeros(1, 2, 4, 4)], [torch.full((1, 4, 4, 4), 6.0)], [torch.zeros(1, 1, 4, 4)])
+    batch = {"gt_boxes": [torch.tensor([box])], "gt_labels": [torch.tensor([0])]}
+    losses, weights = [], []
+    for y in (4, 12, 20, 28):
+        for x in (4, 12):
+            d = [x - box[0], y - box[1], box[2] - x, box[3] - y]
+            inter = (min(6, d[0]) + min(6, d[2])) * (min(6, d[1]) + min(6, d[3]))
+            losses.append(-math.log(inter / (144 + 16 * 32 - inter)))
+            weights.append(math.sqrt(min(d[0], d[2]) / max(d[0], d[2]) * min(d[1], d[3]) / max(d[1], d[3])))
+    uniform = _head(bbox_loss_weight="uniform", **kw).loss(None, batch, outputs=outputs)["loss_bbox"]
+    weighted = _head(**kw).loss(None, batch, outputs=outputs)["loss_bbox"]
+    assert uniform.item() == pytest.approx(sum(losses) / 8, rel=1e-5)
+    assert weighted.item() == pytest.approx(sum(w * v for w, v in zip(weights, losses)) / sum(weights), rel=1e-5)
+    assert abs(uniform.item() - weighted.item()) > 0.01
+
+
+def test_sqrt_multiply_scores_select_on_the_joint_score():
+    """torchvision's scoring: the point (4, 12) of test_predict_scores... has sqrt(0.119 x 0.119) = 0.119 <
+    score_thr 0.2 and is dropped; (12, 4) scores sqrt(0.881 x 0.5) = 0.664."""
+    head = _head(strides=[8], regress_ranges=[[-1, 1e8]], score_factor_mode="sqrt_multiply",
+                 test=DetectionConfig(score_thr=0.2))
+    cls = torch.full((1, 2, 2, 2), -10.0)
+    cls[0, 1, 0, 1] = 2.0
+    cls[0, 0, 1, 0] = -2.0
+    ctr = torch.zeros(1, 1, 2, 2)
+    ctr[0, 0, 1, 0] = -2.0
+    meta = {"img_shape": (16, 16), "ori_shape": (16, 16), "scale_factor": (1.0, 1.0), "flip": False}
+    (res,) = head.predict_by_feat([cls], [torch.full((1, 4, 2, 2), 3.0)], [ctr], img_metas=[meta])
+    s_hi = 1 / (1 + math.exp(-2))
+    assert res["scores"].tolist() == pytest.approx([math.sqrt(s_hi * 0.5)], rel=1e-5)
+    assert res["labels"].tolist() == [1]
+    with pytest.raises(ValueError, match="score_factor_mode"):
+        _head(score_factor_mode="mean")
+
+
 # ------------------------------------------------------------------------------------------------- pipelines
 
 def _num_params(model) -> int:

@@ -19,9 +19,9 @@ from raydet.models.dense_heads.retina_head import RetinaHead
 from raydet.models.dense_heads.rpn_head import RPNHead
 from raydet.models.head_configs import DetectionConfig, ProposalConfig
 from raydet.models.losses import CrossEntropyLoss, FocalLoss, GIoULoss, L1Loss
-from raydet.models.roi_heads.bbox_head import ConvFCBBoxHead, Shared2FCBBoxHead, Shared4Conv1FCBBoxHead
-from raydet.models.roi_heads.mask_head import FCNMaskHead, mask_targets
-from raydet.models.roi_heads.roi_extractor import SingleRoIExtractor, boxes_to_rois, map_roi_levels
+from raydet.models.roi_heads.bbox_heads import ConvFCBBoxHead, Shared2FCBBoxHead, Shared4Conv1FCBBoxHead
+from raydet.models.roi_heads.mask_heads import FCNMaskHead, mask_targets
+from raydet.models.roi_heads.roi_extractors import SingleRoIExtractor, boxes_to_rois, map_roi_levels
 from raydet.models.roi_heads.standard_roi_head import StandardRoIHead
 from raydet.models.task_modules.samplers import PseudoSampler, RandomSampler
 

@@ -337,7 +337,7 @@ def test_detectron2_level_mapping_is_detectron2s_pooler_formula():
     """Detectron2's ROIPooler: level = floor(4 + log2(sqrt(area) / 224 + 1e-8)) clamped to [2, 5], minus 2 (computed
     here as written there). Square RoIs of sides 2 float32 steps below 112, 224 and 448 px, and on them: Detectron2's
     float32 sum 4 + log2(...) rounds the first up to level 1 but not the others; MMDetection's 1e-6 lifts all three."""
-    from raydet.models.roi_heads.roi_extractor import SingleRoIExtractor, map_roi_levels
+    from raydet.models.roi_heads.roi_extractors import SingleRoIExtractor, map_roi_levels
 
     sides = torch.tensor([112 - 1.6e-5, 112.0, 224 - 3.2e-5, 224.0, 448 - 6.4e-5, 448.0, 20.0, 2000.0])
     zeros = torch.zeros_like(sides)

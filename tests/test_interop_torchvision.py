@@ -242,7 +242,7 @@ def _spread_retina_scores(model: nn.Module, num_slots: int) -> None:
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         bias = model.head.classification_head.cls_logits.bias.view(9, num_slots)
-        bias.copy_(torch.randn(9, num_slots, generator=gen) - 3.0)
+        bias.copy_(torch.randn(9, num_slots, generator=gen) - 6.5)
         if num_slots == 91:
             bias[:, [0] + UNUSED_IDS] = -12.0
 
@@ -335,7 +335,7 @@ def test_low_quality_matches_keep_their_own_best_gt_as_torchvisions_matcher():
 def test_soft_unaligned_mask_targets_are_torchvisions():
     from torchvision.models.detection.roi_heads import project_masks_on_boxes
 
-    from raydet.models.roi_heads.mask_head import mask_targets
+    from raydet.models.roi_heads.mask_heads import mask_targets
 
     masks = torch.zeros(2, 40, 50, dtype=torch.uint8)
     masks[0, 5:30, 10:37] = 1
@@ -352,7 +352,7 @@ def test_detection_min_bbox_size_drops_narrow_boxes_as_remove_small_boxes():
     from raydet.models.task_modules.coders import DeltaXYWHBBoxCoder
     from raydet.models.head_configs import DetectionConfig
     from raydet.models.losses import CrossEntropyLoss, L1Loss
-    from raydet.models.roi_heads.bbox_head import Shared2FCBBoxHead
+    from raydet.models.roi_heads.bbox_heads import Shared2FCBBoxHead
 
     head = Shared2FCBBoxHead(1, DeltaXYWHBBoxCoder(), CrossEntropyLoss(), L1Loss(), in_channels=1, roi_feat_size=1,
                              fc_out_channels=4)
@@ -548,6 +548,91 @@ def test_retinanet_v2_gives_torchvisions_detections_and_losses():
     rd_losses = model80.train()(_raydet_batch(tv80, images, records), mode="loss")
     for tv_key, rd_key in {"classification": "loss_cls", "bbox_regression": "loss_bbox"}.items():
         assert rd_losses[rd_key].item() == pytest.approx(tv_losses[tv_key].item(), rel=1e-4), tv_key
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FCOS: points from torchvision's one-anchor AnchorGenerator, open regress ranges, sqrt(cls x centre-ness) scores
+
+
+def _torchvision_fcos(**kwargs) -> nn.Module:
+    """fcos_resnet50_fpn with random weights; its FrozenBatchNorm2d layers keep eps 1e-5 (the builder does not
+    overwrite it), with random statistics."""
+    torch.manual_seed(0)
+    model = tv_detection.fcos_resnet50_fpn(weights=None, weights_backbone=None, **kwargs)
+    _frozen_bn(model, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FrozenBatchNorm2d):
+                m.eps = 1e-5
+    model.transform.resize = lambda image, target=None: (image, target)
+    return model.eval()
+
+
+def _spread_fcos_scores(model: nn.Module, num_slots: int) -> None:
+    """Class biases around -1 and centre-ness biases around 0 so that sqrt(sigmoid(cls) x sigmoid(ctr)) passes 0.2
+    for tens of (point, class) pairs per image; larger regression weights spread the boxes. The background and
+    unused COCO slots of a 91-slot model stay far below."""
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        head = model.head
+        head.classification_head.cls_logits.bias.copy_(torch.randn(num_slots, generator=gen) - 6.5)
+        head.classification_head.cls_logits.weight.mul_(3.0)
+        if num_slots == 91:
+            head.classification_head.cls_logits.bias[[0] + UNUSED_IDS] = -12.0
+            head.classification_head.cls_logits.weight[[0] + UNUSED_IDS] = 0.0
+        head.regression_head.bbox_ctrness.weight.mul_(3.0)
+        head.regression_head.bbox_reg.weight.mul_(5.0)
+        head.regression_head.bbox_reg.bias.fill_(1.0)
+
+
+def test_fcos_resnet50_fpn_gives_torchvisions_detections_and_losses():
+    pipeline = ZOO / "fcos_resnet50_fpn.yaml"
+    tv = _torchvision_fcos()
+    _spread_fcos_scores(tv, 91)
+    model, meta = _convert(tv, pipeline)
+    assert meta["cat_ids"] == CLASS_IDS
+    images = _images()
+    with torch.no_grad():
+        tv_out = tv(_tv_images(images))
+        rd_out = model(_raydet_batch(tv, images), mode="predict")
+    _assert_same_detections(tv_out, rd_out, meta["cat_ids"], min_count=10)
+
+    # losses: as RetinaNet's, a torchvision FCOS of 80 classes (no background slot) defines raydet's focal loss
+    tv80 = _torchvision_fcos(num_classes=80)
+    _spread_fcos_scores(tv80, 80)
+    model80, _ = _convert(tv80, pipeline)
+    records = _targets()
+    tv80.train()
+    targets = [{"boxes": torch.from_numpy(r["boxes"]), "labels": torch.from_numpy(r["labels"])} for r in records]
+    tv_losses = tv80(_tv_images(images), targets)
+    rd_losses = model80.train()(_raydet_batch(tv80, images, records), mode="loss")
+    pairs = {"classification": "loss_cls", "bbox_regression": "loss_bbox", "bbox_ctrness": "loss_centerness"}
+    for tv_key, rd_key in pairs.items():
+        assert rd_losses[rd_key].item() == pytest.approx(tv_losses[tv_key].item(), rel=1e-4), tv_key
+
+
+def test_fcos_points_are_torchvisions_anchor_centres():
+    """offset 0 and strides from the padded input: on a 160 x 96 input P6 / P7 (3 x 2, 2 x 1) are placed every
+    53 x 48 and 80 x 96 pixels, as the centres of torchvision's one-anchor-per-location AnchorGenerator; the
+    returned strides stay the nominal 64 and 128 (torchvision's anchor sizes)."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator as TVAnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from raydet.models.task_modules.prior_generators import MlvlPointGenerator
+
+    featmaps = [(20, 12), (10, 6), (5, 3), (3, 2), (2, 1)]
+    ours = MlvlPointGenerator([8, 16, 32, 64, 128], offset=0.0, strides_from_input=True)
+    points = ours.grid_priors(featmaps, with_stride=True, input_shape=(160, 96))
+    assert points[3][1].tolist() == [48.0, 0.0, 64.0, 64.0]  # P6 (x=1, y=0): x = 1 * (96 // 2)
+    assert points[3][2].tolist() == [0.0, 53.0, 64.0, 64.0]  # P6 (x=0, y=1): y = 1 * (160 // 3)
+    reference = TVAnchorGenerator(((8,), (16,), (32,), (64,), (128,)), ((1.0,),) * 5)
+    anchors = reference(ImageList(torch.zeros(1, 3, 160, 96), [(160, 96)]),
+                        [torch.zeros(1, 1, h, w) for h, w in featmaps])[0]
+    centres = (anchors[:, :2] + anchors[:, 2:]) / 2
+    assert torch.equal(torch.cat([p[:, :2] for p in points]), centres)
+    assert torch.equal(torch.cat([p[:, 2] for p in points]), anchors[:, 2] - anchors[:, 0])
+    with pytest.raises(ValueError, match="needs the padded input_shape"):
+        ours.grid_priors(featmaps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

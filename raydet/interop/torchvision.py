@@ -1,15 +1,15 @@
 """torchvision detection checkpoints -> raydet model state dicts.
 
 Covers the ResNet-FPN detectors of ``torchvision.models.detection``: ``fasterrcnn_resnet50_fpn[_v2]``,
-``maskrcnn_resnet50_fpn[_v2]`` and ``retinanet_resnet50_fpn[_v2]`` (any depth or class count of the same layout),
-and ``ssd300_vgg16``, as saved by ``model.state_dict()`` (the files torchvision downloads, or a training script's
-``{"model": ...}``).
+``maskrcnn_resnet50_fpn[_v2]``, ``retinanet_resnet50_fpn[_v2]`` and ``fcos_resnet50_fpn`` (any depth or class count of
+the same layout), and ``ssd300_vgg16``, as saved by ``model.state_dict()`` (the files torchvision downloads, or a
+training script's ``{"model": ...}``).
 
 What differs besides the names:
 
 * **Class slots.** torchvision's softmax box head has ``num_classes`` outputs with the background at index 0;
   raydet's has ``C + 1`` with the background at index ``C`` (then ``num_unused_classes`` slots, see
-  :class:`~raydet.models.roi_heads.bbox_head.ConvFCBBoxHead`). torchvision's COCO models have 91 slots indexed by
+  :class:`~raydet.models.roi_heads.bbox_heads.ConvFCBBoxHead`). torchvision's COCO models have 91 slots indexed by
   COCO category id (0 background, 10 ids COCO never used, 80 classes); raydet's COCO models have the 80 classes in
   category-id order. Class-specific regressors and mask logits have one slot per torchvision class including the
   background; raydet has one per class. RetinaNet's sigmoid logits (A anchors x 91 slots per location) keep the
@@ -25,6 +25,8 @@ What differs besides the names:
   Sequential at the same layer indices; ``scale_weight`` is the neck's ``l2_norm.weight``, ``extra.<k>`` (k >= 1)
   the neck's ``extra_layers.<k-1>``, ``{classification,regression}_head.module_list.<l>`` the head's
   ``{cls,reg}_convs.<l>``.
+* **FCOS's level scales.** torchvision's FCOS regresses ``relu(conv)`` without MMDetection's learnable per-level
+  ``Scale``: raydet's ``bbox_head.scales.<l>.scale`` are filled with 1 (reported in ``report.filled``).
 * **BatchNorm step counters** (``num_batches_tracked``, written by models built with ``nn.BatchNorm2d``) are dropped
   when the pipeline uses FrozenBN, which has none.
 
@@ -59,16 +61,23 @@ def coco_slots() -> tuple[list[int], list[str], list[int]]:
     return used, [names[i] for i in used], unused
 
 
+def _is_fcos(state: dict[str, Tensor]) -> bool:
+    return "head.regression_head.bbox_ctrness.weight" in state
+
+
 def legacy_names(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Rename pre-v2 torchvision keys as torchvision's own ``_load_from_state_dict`` methods do (RPNHead,
-    FeaturePyramidNetwork, MaskRCNNHeads, RetinaNet heads); other keys are kept in order."""
+    FeaturePyramidNetwork, MaskRCNNHeads, RetinaNet heads); other keys are kept in order. FCOS's towers are plain
+    (conv, GroupNorm, ReLU) Sequentials whose names never changed."""
+    fcos = _is_fcos(state)
     rules = [
         (r"^(rpn\.head\.conv)\.(weight|bias)$", lambda m: f"{m[1]}.0.0.{m[2]}"),
         (r"^(backbone\.fpn\.(?:inner|layer)_blocks\.\d+)\.(weight|bias)$", lambda m: f"{m[1]}.0.{m[2]}"),
         (r"^(roi_heads\.mask_head)\.mask_fcn(\d+)\.(weight|bias)$", lambda m: f"{m[1]}.{int(m[2]) - 1}.0.{m[3]}"),
-        (r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$",
-         lambda m: f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"),
     ]
+    if not fcos:  # RetinaNet's pre-v2 towers: (conv, ReLU) pairs
+        rules.append((r"^(head\.(?:classification|regression)_head\.conv)\.(\d+)\.(weight|bias)$",
+                      lambda m: f"{m[1]}.{int(m[2]) // 2}.0.{m[3]}"))
     out = {}
     for key, value in state.items():
         for pattern, new in rules:
@@ -85,6 +94,12 @@ def _tower(target: dict, prefix: str, block: int, part: int, param: str) -> str:
     raydet conv tower (conv[, norm], ReLU per block: 3 entries with a norm, 2 without)."""
     stride = 3 if f"{prefix}.1.weight" in target and target[f"{prefix}.1.weight"].dim() == 1 else 2
     return f"{prefix}.{stride * block + part}.{param}"
+
+
+def _dense(target: dict, retina: str, anchor_free: str, param: str) -> str:
+    """RetinaNet's predictor name in a RetinaHead, the anchor-free head's (FCOS) otherwise."""
+    key = f"bbox_head.{retina}.{param}"
+    return key if key in target else f"bbox_head.{anchor_free}.{param}"
 
 
 def _rpn_conv(target: dict, block: int, part: int, param: str) -> str:
@@ -127,10 +142,17 @@ def _rules(source: dict) -> list[tuple[str, Callable, str]]:
          "mask"),
         (r"^head\.classification_head\.conv\.(\d+)\.(\d+)\.(.+)$",
          lambda m, t: _tower(t, "bbox_head.cls_convs", int(m[1]), int(m[2]), m[3]), ""),
-        (r"^head\.classification_head\.cls_logits\.(.+)$", lambda m, t: f"bbox_head.retina_cls.{m[1]}", "sigmoid"),
+        (r"^head\.classification_head\.cls_logits\.(.+)$", lambda m, t: _dense(t, "retina_cls", "conv_cls", m[1]),
+         "sigmoid"),
         (r"^head\.regression_head\.conv\.(\d+)\.(\d+)\.(.+)$",
          lambda m, t: _tower(t, "bbox_head.reg_convs", int(m[1]), int(m[2]), m[3]), ""),
-        (r"^head\.regression_head\.bbox_reg\.(.+)$", lambda m, t: f"bbox_head.retina_reg.{m[1]}", ""),
+        (r"^head\.regression_head\.bbox_reg\.(.+)$", lambda m, t: _dense(t, "retina_reg", "conv_reg", m[1]), ""),
+        # FCOS: (conv, GroupNorm, ReLU) towers at raydet's indices, centre-ness on the regression tower
+        (r"^head\.classification_head\.conv\.(\d+)\.(weight|bias)$", lambda m, t: f"bbox_head.cls_convs.{m[1]}.{m[2]}",
+         ""),
+        (r"^head\.regression_head\.conv\.(\d+)\.(weight|bias)$", lambda m, t: f"bbox_head.reg_convs.{m[1]}.{m[2]}",
+         ""),
+        (r"^head\.regression_head\.bbox_ctrness\.(.+)$", lambda m, t: f"bbox_head.conv_centerness.{m[1]}", ""),
         (r"^backbone\.features\.(\d+)\.(weight|bias)$", lambda m, t: f"backbone.features.{m[1]}.{m[2]}", ""),
         (r"^backbone\.extra\.0\.(\d+)\.(weight|bias)$", lambda m, t: f"backbone.features.{pool4 + int(m[1])}.{m[2]}",
          ""),
@@ -240,7 +262,7 @@ def _class_slots(kind: str, tensor: Tensor, target: Tensor, slots: _Slots, num_u
     if kind == "sigmoid":  # (A * slots, ...) anchor-major -> (A * C, ...)
         a = num_anchors
         if tensor.shape[0] != a * s.num_slots:
-            raise ConversionError(f"RetinaNet logits have {tensor.shape[0]} channels, not {a} anchors x "
+            raise ConversionError(f"sigmoid class logits have {tensor.shape[0]} channels, not {a} priors x "
                                   f"{s.num_slots} slots")
         out = tensor.reshape(a, s.num_slots, *tensor.shape[1:])[:, s.classes].reshape(-1, *tensor.shape[1:])
         dropped = [i for i in range(s.num_slots) if i not in s.classes]
@@ -262,8 +284,9 @@ def _head_info(model: nn.Module) -> tuple[str, int, int, int]:
     if bbox_head is not None and not getattr(bbox_head, "use_sigmoid_cls", True):  # SSD: a softmax per prior
         return ("ssd", bbox_head.num_classes, int(getattr(bbox_head, "num_unused_classes", 0)),
                 bbox_head.num_base_priors[0])
-    if bbox_head is not None:
-        return "sigmoid", bbox_head.num_classes, 0, bbox_head.num_anchors
+    if bbox_head is not None:  # RetinaNet's anchors, or the one point of an anchor-free head (FCOS)
+        num_priors = getattr(bbox_head, "num_anchors", None) or bbox_head.prior_generator.num_base_priors
+        return "sigmoid", bbox_head.num_classes, 0, num_priors
     return "", 0, 0, 0
 
 
@@ -325,6 +348,10 @@ def convert_torchvision(state: dict[str, Tensor], model: nn.Module, source: str 
             value, note = _class_slots(slot_kind, value, target[dest], slots, num_unused, num_anchors)
         mapped[dest] = value.detach().clone().to(target[dest].dtype)
         report.place(key, original, dest, note)
+    if _is_fcos(state):
+        for key in (k for k in target if re.match(r"^bbox_head\.scales\.\d+\.scale$", k) and k not in mapped):
+            mapped[key] = torch.ones_like(target[key])
+            report.fill(key, mapped[key], "torchvision's FCOS has no per-level Scale: 1 (the identity)")
     check_complete(mapped, target, unplaced, source)
     if slots is not None:
         report.classes, report.cat_ids = list(slots.names), list(slots.cat_ids)

@@ -5,7 +5,7 @@ from raydet.models.backbones import resnet  # noqa: F401
 from raydet.models.necks import fpn  # noqa: F401
 from raydet.models.dense_heads import rpn_head, retina_head  # noqa: F401
 from raydet.models.dense_heads import fsaf_head  # noqa: F401
-from raydet.models.roi_heads import bbox_head, mask_head, roi_extractor, standard_roi_head  # noqa: F401
+from raydet.models.roi_heads import bbox_heads, mask_heads, roi_extractors, standard_roi_head  # noqa: F401
 from raydet.models.detectors import detectors  # noqa: F401
 from raydet.models.dense_heads import guided_anchor_head, ga_retina_head, ga_rpn_head  # noqa: F401
 from raydet.models.detectors import fsaf  # noqa: F401

@@ -1,9 +1,10 @@
 """The shared machinery of dense anchor-free heads (FCOS and its successors): conv towers, points, decoding.
 
 One prior per location and level: the point of :class:`~raydet.models.task_modules.prior_generators.
-MlvlPointGenerator` (x, y) in input pixels. The layers are MMDetection's ``AnchorFreeHead``: a classification
-tower and a regression tower of ``stacked_convs`` x (3x3 conv [+ norm] + ReLU) on every level (weights shared
-across levels), then ``conv_cls`` (C sigmoid logits) and ``conv_reg`` (4 values) per location.
+MlvlPointGenerator` (x, y) in input pixels (its offset and stride placement are the head's ``prior_generator``). The
+layers are MMDetection's ``AnchorFreeHead``: a classification tower and a regression tower of ``stacked_convs`` x (3x3
+conv [+ norm] + ReLU) on every level (weights shared across levels), then ``conv_cls`` (C sigmoid logits) and
+``conv_reg`` (4 values) per location.
 
 A subclass implements ``forward(feats)`` (per-level outputs; it may call :meth:`forward_single` for the towers) and
 ``loss(feats, batch)``. :meth:`predict` decodes ``forward``'s (cls_scores, bbox_preds[, score_factors]): bbox_preds
@@ -55,19 +56,29 @@ class AnchorFreeHead(nn.Module, ABC):
         conv_bias: whether the tower convs have a bias; ``"auto"``: only without a norm (MMDetection).
         norm_cfg: the tower's norm layer (e.g. ``{type: GN, num_groups: 32}``) or None.
         bbox_coder: the (l, t, r, b) <-> box coder (default ``DistancePointBBoxCoder()``).
+        prior_generator: a built :class:`MlvlPointGenerator` with the same ``strides`` (default: one with offset
+            0.5, MMDetection's); torchvision's FCOS places its points with offset 0 and ``strides_from_input``.
+        score_factor_mode: how a score factor (FCOS's centre-ness) enters the test-time score.
+            ``"multiply"`` (MMDetection's ``BaseDenseHead``): ``score_thr`` and ``nms_pre`` select on
+            sigmoid(cls), then the kept scores are multiplied by sigmoid(factor). ``"sqrt_multiply"``
+            (torchvision's FCOS): the score is sqrt(sigmoid(cls) x sigmoid(factor)) and ``score_thr`` and
+            ``nms_pre`` select on it.
         prior_prob: initial foreground probability of every location: ``conv_cls`` bias -log((1 - p) / p)
             (Lin et al. 2017, Sec. 4.1); every other conv weight starts N(0, 0.01), biases 0.
         test: test-time post-processing (``nms_pre`` per level, ``score_thr``, NMS, ``max_per_img``).
 
     Raises:
-        ValueError: an empty or non-positive ``strides``, a loss without sigmoid outputs, or a bad ``conv_bias``.
+        ValueError: an empty or non-positive ``strides``, a loss without sigmoid outputs, a bad ``conv_bias`` or
+            ``score_factor_mode``, or a ``prior_generator`` with other strides.
     """
 
     def __init__(self, num_classes: int, in_channels: int, loss_cls: nn.Module, loss_bbox: nn.Module,
                  feat_channels: int = 256, stacked_convs: int = 4, strides: list[int] = (4, 8, 16, 32, 64),
                  dcn_on_last_conv: bool = False, conv_bias: bool | Literal["auto"] = "auto",
                  norm_cfg: dict | None = None, bbox_coder: DistancePointBBoxCoder | None = None,
-                 prior_prob: float = 0.01, test: DetectionConfig = DetectionConfig()):
+                 prior_generator: MlvlPointGenerator | None = None,
+                 score_factor_mode: Literal["multiply", "sqrt_multiply"] = "multiply", prior_prob: float = 0.01,
+                 test: DetectionConfig = DetectionConfig()):
         super().__init__()
         if not getattr(loss_cls, "use_sigmoid", True):
             raise ValueError("anchor-free heads classify with sigmoid outputs: set loss_cls.use_sigmoid: true")
@@ -75,6 +86,11 @@ class AnchorFreeHead(nn.Module, ABC):
             raise ValueError(f"strides must be positive integers, one per level, got {list(strides)}")
         if conv_bias != "auto" and not isinstance(conv_bias, bool):
             raise ValueError(f"conv_bias must be true, false or 'auto', got {conv_bias!r}")
+        if score_factor_mode not in ("multiply", "sqrt_multiply"):
+            raise ValueError(f"score_factor_mode must be 'multiply' or 'sqrt_multiply', got {score_factor_mode!r}")
+        if prior_generator is not None and prior_generator.strides != [(int(s), int(s)) for s in strides]:
+            raise ValueError(f"prior_generator strides {prior_generator.strides} differ from the head's strides "
+                             f"{list(strides)}")
         if not 0 < prior_prob < 1:
             raise ValueError(f"prior_prob must be in (0, 1), got {prior_prob}")
         self.num_classes = num_classes
@@ -89,7 +105,8 @@ class AnchorFreeHead(nn.Module, ABC):
         self.loss_cls = loss_cls
         self.loss_bbox = loss_bbox
         self.bbox_coder = bbox_coder if bbox_coder is not None else DistancePointBBoxCoder()
-        self.prior_generator = MlvlPointGenerator(self.strides)
+        self.prior_generator = prior_generator if prior_generator is not None else MlvlPointGenerator(self.strides)
+        self.score_factor_mode = score_factor_mode
         self.prior_prob = float(prior_prob)
         self.test = test
         self._init_layers()
@@ -144,12 +161,17 @@ class AnchorFreeHead(nn.Module, ABC):
             raise ValueError(f"{type(self).__name__} got {len(feats)} feature levels for {len(self.strides)} "
                              f"strides {self.strides}")
 
-    def points(self, maps: list[Tensor], with_stride: bool = False) -> list[Tensor]:
+    def points(self, maps: list[Tensor], with_stride: bool = False,
+               img_metas: list[dict] | None = None) -> list[Tensor]:
         """The points of every level (h_l * w_l, 2) (x, y), or (., 4) with the strides, for per-level maps
-        (B, ., h_l, w_l)."""
+        (B, ., h_l, w_l). ``img_metas`` give the padded batch size (``batch_input_shape``) to a prior generator
+        with ``strides_from_input``."""
         sizes = [tuple(int(s) for s in m.shape[-2:]) for m in maps]
+        input_shape = None
+        if img_metas and "batch_input_shape" in img_metas[0]:
+            input_shape = tuple(img_metas[0]["batch_input_shape"])
         return self.prior_generator.grid_priors(sizes, device=maps[0].device, dtype=torch.float32,
-                                                with_stride=with_stride)
+                                                with_stride=with_stride, input_shape=input_shape)
 
     # ------------------------------------------------------------------------------------------------ training
     @abstractmethod
@@ -173,15 +195,20 @@ class AnchorFreeHead(nn.Module, ABC):
             img_metas: per image, ``img_shape`` (boxes are clipped to it) and what ``boxes_to_original`` reads.
 
         On each level and image: the (point, class) pairs with sigmoid score > ``score_thr``, at most ``nms_pre``
-        of the highest; with score factors, each kept score is then multiplied by its point's sigmoid factor. Then
-        class-wise NMS and the ``max_per_img`` best.
+        of the highest; with score factors, each kept score is then multiplied by its point's sigmoid factor
+        (``score_factor_mode`` "sqrt_multiply": the score is sqrt(sigmoid(cls) x sigmoid(factor)) from the start).
+        Then class-wise NMS and the ``max_per_img`` best.
         """
         cfg = self.test
         num_images = cls_scores[0].shape[0]
-        points = self.points(cls_scores)
+        points = self.points(cls_scores, img_metas=img_metas)
+        joint = score_factors is not None and self.score_factor_mode == "sqrt_multiply"
         per_image = [([], [], [], []) for _ in range(num_images)]  # boxes, scores, labels, factors
         for level, (cls, reg, pts) in enumerate(zip(cls_scores, bbox_preds, points)):
             scores = cls.permute(0, 2, 3, 1).reshape(num_images, -1).float().sigmoid()  # (B, HW * C)
+            if joint:  # (B, HW, C) x (B, HW, 1) -> flattened (B, HW * C)
+                factor = score_factors[level].permute(0, 2, 3, 1).reshape(num_images, -1, 1).float().sigmoid()
+                scores = (scores.view(num_images, -1, self.cls_out_channels) * factor).sqrt().flatten(1)
             k = scores.shape[1] if cfg.nms_pre <= 0 else min(cfg.nms_pre, scores.shape[1])
             # the top k of the scores above the threshold, sorted, for all images at once
             top, idx = scores.masked_fill(scores <= cfg.score_thr, -math.inf).topk(k, dim=1)
@@ -189,7 +216,7 @@ class AnchorFreeHead(nn.Module, ABC):
             dists = reg.permute(0, 2, 3, 1).reshape(num_images, -1, 4).float()
             dists = dists.gather(1, point_idx[..., None].expand(-1, -1, 4))
             factors = None
-            if score_factors is not None:
+            if score_factors is not None and not joint:
                 factors = score_factors[level].permute(0, 2, 3, 1).reshape(num_images, -1).float().sigmoid()
                 factors = factors.gather(1, point_idx)
             for i, meta in enumerate(img_metas):

@@ -3,19 +3,26 @@
 Every location of every level predicts C class logits, the (l, t, r, b) distances from its point to the sides of a
 box, and a centre-ness logit. Training targets (Sec. 3.1-3.2): a point is positive for the ground-truth boxes it
 lies in (or, with ``center_sampling``, in the box's central square of side 2 * radius * stride, clipped to the box),
-whose largest distance max(l, t, r, b) falls in its level's ``regress_ranges`` (both ends inclusive); among several
-such boxes it takes the one of minimal area. Centre-ness (Sec. 3.3) is
+whose largest distance max(l, t, r, b) falls in its level's ``regress_ranges`` (both ends inclusive, MMDetection;
+both exclusive with ``regress_range_bounds: open``, torchvision); among several such boxes it takes the one of minimal
+area. Centre-ness (Sec. 3.3) is
 ``sqrt(min(l, r) / max(l, r) * min(t, b) / max(t, b))``. Losses (MMDetection 3.x):
 
 * classification: ``loss_cls`` (focal loss) over all points, divided by the positive count (at least 1);
 * box: ``loss_bbox`` (IoU or GIoU loss) of the decoded boxes of the positives, each weighted by its centre-ness
-  target and divided by the sum of those targets;
+  target and divided by the sum of those targets (``bbox_loss_weight: centerness``; torchvision's FCOS weighs every
+  positive 1 and divides by the positive count, ``uniform``);
 * centre-ness: ``loss_centerness`` (sigmoid cross-entropy against the centre-ness target) of the positives, divided
   by the positive count.
 
 Counts and sums are averaged over the DDP workers first. Crowd / ignored boxes play no part (MMDetection's FCOSHead
 does not read them). Test time: the scores are sigmoid(cls) x sigmoid(centre-ness) (MMDetection; the threshold and
-``nms_pre`` apply to sigmoid(cls) alone).
+``nms_pre`` apply to sigmoid(cls) alone), or their square root with ``score_factor_mode: sqrt_multiply``
+(torchvision; the threshold and ``nms_pre`` apply to it).
+
+``pipelines/fcos_*`` are MMDetection's configs; ``pipelines/zoo/torchvision/fcos_resnet50_fpn.yaml`` is torchvision's
+``fcos_resnet50_fpn`` (centre sampling, normalised GIoU regression, points at offset 0 placed with the padded
+input's strides, and the options above).
 """
 from __future__ import annotations
 
@@ -59,6 +66,11 @@ class FCOSHead(AnchorFreeHead):
         norm_on_bbox: regress distances divided by the level's stride, through a ReLU instead of exp (FCOS's
             "normalized regression targets").
         centerness_on_reg: the centre-ness branch sits on the regression tower instead of the classification tower.
+        regress_range_bounds: ``"closed"``: ``lo <= max(l, t, r, b) <= hi`` (MMDetection); ``"open"``: ``lo <
+            max(l, t, r, b) < hi`` (torchvision's ``FCOS.compute_loss``).
+        bbox_loss_weight: ``"centerness"``: each positive's box loss weighted by its centre-ness target, divided by
+            their sum (MMDetection); ``"uniform"``: weight 1, divided by the positive count (torchvision).
+        prior_generator, score_factor_mode: see :class:`AnchorFreeHead`.
 
     Per level, ``bbox_pred = exp(scale_l * conv_reg)`` (or ``relu(scale_l * conv_reg)`` with ``norm_on_bbox``,
     times the stride at test time) with a learnable ``scale_l`` initialised to 1 (Sec. 3.2).
@@ -69,11 +81,17 @@ class FCOSHead(AnchorFreeHead):
                  strides: list[int] = (4, 8, 16, 32, 64),
                  regress_ranges: list[list[float]] = _REGRESS_RANGES, center_sampling: bool = False,
                  center_sample_radius: float = 1.5, norm_on_bbox: bool = False, centerness_on_reg: bool = False,
+                 regress_range_bounds: str = "closed", bbox_loss_weight: str = "centerness",
                  dcn_on_last_conv: bool = False, conv_bias: bool | str = "auto", norm_cfg: dict | None = _GN,
-                 bbox_coder=None, prior_prob: float = 0.01, test: DetectionConfig = DetectionConfig()):
+                 bbox_coder=None, prior_generator=None, score_factor_mode: str = "multiply",
+                 prior_prob: float = 0.01, test: DetectionConfig = DetectionConfig()):
         if len(regress_ranges) != len(strides) or any(len(r) != 2 or r[0] >= r[1] for r in regress_ranges):
             raise ValueError(f"regress_ranges needs one (min, max) pair with min < max per level ({len(strides)} "
                              f"strides), got {[list(r) for r in regress_ranges]}")
+        if regress_range_bounds not in ("closed", "open"):
+            raise ValueError(f"regress_range_bounds must be 'closed' or 'open', got {regress_range_bounds!r}")
+        if bbox_loss_weight not in ("centerness", "uniform"):
+            raise ValueError(f"bbox_loss_weight must be 'centerness' or 'uniform', got {bbox_loss_weight!r}")
         if center_sample_radius <= 0:
             raise ValueError(f"center_sample_radius must be > 0, got {center_sample_radius}")
         if not getattr(loss_bbox, "takes_decoded_boxes", False):
@@ -84,8 +102,11 @@ class FCOSHead(AnchorFreeHead):
         self.center_sample_radius = float(center_sample_radius)
         self.norm_on_bbox = bool(norm_on_bbox)
         self.centerness_on_reg = bool(centerness_on_reg)
+        self.regress_range_bounds = regress_range_bounds
+        self.bbox_loss_weight = bbox_loss_weight
         super().__init__(num_classes, in_channels, loss_cls, loss_bbox, feat_channels, stacked_convs, strides,
-                         dcn_on_last_conv, conv_bias, norm_cfg, bbox_coder, prior_prob, test)
+                         dcn_on_last_conv, conv_bias, norm_cfg, bbox_coder, prior_generator, score_factor_mode,
+                         prior_prob, test)
         self.loss_centerness = loss_centerness
 
     def _init_layers(self) -> None:
@@ -153,7 +174,9 @@ class FCOSHead(AnchorFreeHead):
         else:
             inside = dist.min(dim=-1).values > 0  # (B, P, G)
         largest = dist.max(dim=-1).values
-        in_range = (largest >= ranges[None, :, None, 0]) & (largest <= ranges[None, :, None, 1])
+        lo, hi = ranges[None, :, None, 0], ranges[None, :, None, 1]
+        in_range = (largest >= lo) & (largest <= hi) if self.regress_range_bounds == "closed" else (
+            (largest > lo) & (largest < hi))
 
         areas = ((boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1]))[:, None, :]  # (B, 1, G)
         areas = areas.expand(-1, num_points, -1).masked_fill(~(inside & in_range & real[:, None]), INF)
@@ -169,7 +192,7 @@ class FCOSHead(AnchorFreeHead):
         """loss_cls, loss_bbox and loss_centerness over all points of the batch (see the module docstring).
         ``outputs`` reuses an already computed ``forward(feats)``."""
         cls_scores, bbox_preds, centernesses = outputs if outputs is not None else self(feats)
-        points_per_level = self.points(cls_scores, with_stride=True)
+        points_per_level = self.points(cls_scores, with_stride=True, img_metas=batch.get("img_metas"))
         points = torch.cat(points_per_level)  # (P, 4)
         labels, targets = self.get_targets(points, [p.shape[0] for p in points_per_level], batch["gt_boxes"],
                                            batch["gt_labels"])
@@ -186,13 +209,15 @@ class FCOSHead(AnchorFreeHead):
 
         pos_targets = targets[pos]
         ctr_targets = centerness_target(pos_targets)
-        # every worker joins this mean, with or without positives of its own
-        ctr_denorm = max(float(reduce_mean(ctr_targets.sum().detach().float())), 1e-6)
+        if self.bbox_loss_weight == "centerness":  # every worker joins this mean, with or without positives
+            bbox_weight, bbox_denorm = ctr_targets, max(float(reduce_mean(ctr_targets.sum().detach().float())), 1e-6)
+        else:
+            bbox_weight, bbox_denorm = None, num_pos
         if pos.numel() == 0:  # keep the graph connected (DDP) with exact zeros
             return {"loss_cls": loss_cls, "loss_bbox": dists.sum() * 0.0, "loss_centerness": ctr.sum() * 0.0}
         pos_points = points[:, :2].repeat(num_images, 1)[pos]
         loss_bbox = self.loss_bbox(self.bbox_coder.decode(pos_points, dists[pos]),
                                    self.bbox_coder.decode(pos_points, pos_targets),
-                                   weight=ctr_targets, avg_factor=ctr_denorm)
+                                   weight=bbox_weight, avg_factor=bbox_denorm)
         loss_centerness = self.loss_centerness(ctr[pos], ctr_targets, avg_factor=num_pos)
         return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "loss_centerness": loss_centerness}

@@ -43,7 +43,7 @@ class SSDHead(AnchorHead):
         neg_pos_ratio: negatives trained per positive (3 in the paper).
         allowed_border, pos_weight: see :class:`~raydet.models.dense_heads.anchor_head.AnchorHead`.
         num_unused_classes: U class outputs per prior after the background that take part in the softmax (and its
-            loss) but are no class, as :class:`~raydet.models.roi_heads.bbox_head.ConvFCBBoxHead`'s: a converted
+            loss) but are no class, as :class:`~raydet.models.roi_heads.bbox_heads.ConvFCBBoxHead`'s: a converted
             torchvision COCO SSD keeps its 10 never-used category-id slots there (10), so that its scores equal
             torchvision's. Each prior then has C + 1 + U logits. Default 0.
         nms_pre_per: ``"level"`` (default, MMDetection): ``test.nms_pre`` is a budget of (prior, class) pairs per

@@ -6,7 +6,7 @@ from torch import nn
 
 from raydet.models.head_configs import DetectionConfig
 from raydet.models.postprocess import boxes_to_original, paste_masks
-from raydet.models.roi_heads.roi_extractor import boxes_to_rois
+from raydet.models.roi_heads.roi_extractors import boxes_to_rois
 from raydet.registry import register
 
 __all__ = ["StandardRoIHead"]

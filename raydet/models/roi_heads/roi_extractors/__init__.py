@@ -1,0 +1,5 @@
+"""RoI feature extractors: (R, 5) RoIs + feature maps -> (R, C, S, S) pooled features, one module per kind."""
+from raydet.models.roi_heads.roi_extractors.single_level_roi_extractor import (SingleRoIExtractor, boxes_to_rois,
+                                                                               map_roi_levels)
+
+__all__ = ["SingleRoIExtractor", "boxes_to_rois", "map_roi_levels"]
