@@ -10,9 +10,11 @@ Steps (each a subprocess with its own time limit; its output goes to ``<out>/<st
 3. ``train_fp16`` / ``train_bf16``: the quickstart trained for 20 iterations through Ray Train on one GPU under
    autocast (fp16 with a GradScaler, bf16 without), then evaluated; the run's ``log.jsonl`` is read back: iterations,
    first and last loss (finite), the evaluation's ``bbox/AP50``, peak memory.
-4. ``benchmark_<pipeline>``: ``python -m raydet.benchmark`` of each R-50 pipeline at 800 x 1333, FP32 and AMP.
-5. ``vs_torchvision``: ``benchmarks/detectors_vs_torchvision.py`` at 800 x 1333, FP32 and fp16, beside torchvision's
+4. ``vs_torchvision``: ``benchmarks/detectors_vs_torchvision.py`` at 800 x 1333, FP32 and fp16, beside torchvision's
    same models (images/s, s/iter, peak memory).
+5. ``model_zoo``: ``benchmarks/model_zoo.py``, i.e. ``python -m raydet.benchmark`` of every method's R-50 / VGG-16
+   pipeline at its test scale (800 x 1333; SSD 300 / 512), FP32 and AMP, beside MMDetection's published V100
+   inference speeds (last, so that its time limit cannot cut the steps above short).
 
 Writes ``<out>/gpu_check.json`` (every step's status, seconds and numbers) and prints one table. Exit status 0 when
 every step passed, 1 otherwise (the JSON says which).
@@ -31,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINES = ("faster_rcnn_r50_fpn_1x_coco.yaml", "retinanet_r50_fpn_1x_coco.yaml", "mask_rcnn_r50_fpn_1x_coco.yaml")
 DEPENDENCIES = ("ray", "pycocotools", "cv2", "simplejpeg", "PIL", "yaml", "matplotlib", "tqdm", "pyarrow", "pytest")
 
 
@@ -88,12 +89,6 @@ def read_train_log(work_dir: Path) -> dict:
     }
 
 
-def benchmark_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return json.loads(path.read_text()).get("table", [])
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_check")
@@ -140,17 +135,6 @@ def main(argv: list[str] | None = None) -> int:
         steps[name].update(read_train_log(work_dir))
 
     size = ["96", "128"] if quick else ["800", "1333"]
-    for pipeline in PIPELINES[:1] if quick else PIPELINES:
-        name = "benchmark_" + pipeline.split("_r50")[0]
-        if not want(name):
-            continue
-        result = out / f"{name}.json"
-        cmd = [py, "-m", "raydet.benchmark", f"pipelines/{pipeline}", "--device", args.device, "--size", *size,
-               "--precision", "fp32", "amp", "--iters", "3" if quick else "10", "--warmup", "1" if quick else "3",
-               "--skip", "data", "ray-data", "--out", str(result)]
-        steps[name] = run_step(name, cmd, out, 300)
-        steps[name]["table"] = benchmark_rows(result)
-
     if want("vs_torchvision"):
         result = out / "vs_torchvision.json"
         precisions = ["fp32", "bf16"] if args.device == "cpu" else ["fp32", "fp16"]
@@ -161,6 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         if result.is_file():
             steps["vs_torchvision"]["results"] = json.loads(result.read_text())["results"]
 
+    if want("model_zoo"):
+        result = out / "model_zoo.json"
+        cmd = [py, "benchmarks/model_zoo.py", "--device", args.device, "--precision", "fp32",
+               *(["bf16"] if args.device == "cpu" else ["amp"]), "--iters", "2" if quick else "5",
+               "--warmup", "1" if quick else "2", "--out", str(result), "--timeout", "120"]
+        if quick:
+            cmd += ["--pipelines", "retinanet_r50_fpn_1x_coco.yaml", "--size", *size]
+        steps["model_zoo"] = run_step("model_zoo", cmd, out, 360)
+        if result.is_file():
+            steps["model_zoo"]["rows"] = json.loads(result.read_text())["rows"]
+
     record["passed"] = all(s["status"] == "passed" for s in steps.values())
     (out / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     print()
@@ -170,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             extra = (f"iterations {len(s.get('logged_iterations') or [])}, loss {s.get('first_loss')} -> "
                      f"{s.get('last_loss')}, AP50 {s.get('bbox_AP50')}")
         print(f"{name:<28} {s['status']:<8} {s['seconds']:7.1f} s  {extra}")
-        for row in s.get("table", []):
-            mem = f", peak {row['peak_mem_mib']:.0f} MiB" if row.get("peak_mem_mib") is not None else ""
-            print(f"    {row['mode']:<10} {row['precision']:<12} {row['value']:9.3f} {row['unit']}{mem}")
+        for row in s.get("rows", []):
+            if "error" in row:
+                print(f"    {row['pipeline']:<40} failed: {row['error']}")
+                continue
+            print(f"    {row['pipeline']:<40} {row['precision']:<5} train {row['train_s_per_iter']:.3f} s/iter, "
+                  f"inference {row['inference_img_per_s']:.2f} img/s (MMDetection V100: "
+                  f"{row['mmdet_published_fps_v100'] or '-'} img/s)")
         for row in s.get("results", []):
             key = "images_per_s" if row["mode"] == "inference" else "s_per_iter"
             mem = ("" if row["raydet"].get("peak_mem_mib") is None else

@@ -7,9 +7,9 @@ images per second, with the process CPU time of each (steadier than wall time on
 memory. Inputs are ``raydet benchmark``'s: random images of the pipeline's test scale (on the CPU each side capped at
 320 px), random weights, 4 random boxes per training image, the pipeline's own batch size.
 
-Beside each row: MMDetection's published inference speed of the same config (``Inf time (fps)`` of its model-zoo
-tables, measured on a V100 at 800 x 1333 (SSD: 300 / 512), batch 1, MMDetection 2.x) as a reference for GPU runs;
-it is not comparable with a CPU row.
+Beside each row: MMDetection's published inference speed of the same config (its metafile's ``inference time
+(ms/im)``, measured on a V100 at 800 x 1333 (SSD: 300 / 512), FP32, batch 1) as a reference for GPU runs; it is not
+comparable with a CPU row.
 
 Writes ``--out`` (default ``benchmarks/results/model_zoo_<device>.json``): every pipeline's ``raydet benchmark``
 table and the summary rows. Exit status 1 if a pipeline's benchmark failed (the others still run).
@@ -27,19 +27,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# pipeline -> MMDetection's published inference fps (V100; configs/<method>/README.md of MMDetection 2.x/3.x), or
-# None where its table gives none
+# pipeline -> MMDetection's published inference speed in images per second: 1000 / the "inference time (ms/im)" of
+# the config's entry in mmdet 3.3.0's configs/<method>/metafile.yml (V100, FP32, batch 1, 800 x 1333); None where
+# the metafile gives none
 PIPELINES: dict[str, float | None] = {
     "faster_rcnn_r50_fpn_1x_coco.yaml": 21.4,
     "mask_rcnn_r50_fpn_1x_coco.yaml": 16.1,
     "retinanet_r50_fpn_1x_coco.yaml": 19.0,
     "ssd300_coco.yaml": 43.7,
     "ssd512_coco.yaml": 30.7,
-    "fcos_r50_caffe_fpn_gn-head_1x_coco.yaml": 22.9,
-    "retinanet_ghm_r50_fpn_1x_coco.yaml": None,
-    "fsaf_r50_fpn_1x_coco.yaml": None,
-    "ga_retinanet_r50_caffe_fpn_1x_coco.yaml": None,
-    "ga_rpn_r50_caffe_fpn_1x_coco.yaml": None,
+    "fcos_r50_caffe_fpn_gn-head_1x_coco.yaml": 22.7,
+    "retinanet_ghm_r50_fpn_1x_coco.yaml": 3.3,
+    "fsaf_r50_fpn_1x_coco.yaml": 13.0,
+    "ga_retinanet_r50_caffe_fpn_1x_coco.yaml": 16.8,
+    "ga_rpn_r50_caffe_fpn_1x_coco.yaml": 15.8,
     "ga_faster_r50_caffe_fpn_1x_coco.yaml": None,
 }
 
@@ -92,14 +93,15 @@ def format_rows(rows: list[dict]) -> str:
     def num(v, fmt):
         return "-" if v is None else format(v, fmt)
 
-    header = ("pipeline", "precision", "input", "train s/iter", "infer img/s", "infer CPU s/img", "mmdet fps (V100)")
+    header = ("pipeline", "precision", "input", "batch", "train s/iter", "infer img/s", "infer CPU s/img",
+              "mmdet img/s (V100)")
     cells = [header]
     for r in rows:
         if "error" in r:
-            cells.append((r["pipeline"], "failed", r["error"][:60], "", "", "", ""))
+            cells.append((r["pipeline"], "failed", r["error"][:60], "", "", "", "", ""))
             continue
         size = "x".join(map(str, r["input"])) if r["input"] else "-"
-        cells.append((r["pipeline"], r["precision"], size, num(r["train_s_per_iter"], ".3f"),
+        cells.append((r["pipeline"], r["precision"], size, str(r["batch"]), num(r["train_s_per_iter"], ".3f"),
                       num(r["inference_img_per_s"], ".2f"), num(r["inference_cpu_s_per_img"], ".2f"),
                       num(r["mmdet_published_fps_v100"], ".1f")))
     widths = [max(len(c[k]) for c in cells) for k in range(len(header))]

@@ -187,9 +187,10 @@ def random_boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray
 
 
 def synthetic_batch(n: int, size: tuple[int, int], num_classes: int, gt_per_image: int, with_masks: bool,
-                    rng: np.random.Generator, device: torch.device) -> dict:
+                    rng: np.random.Generator, device: torch.device, num_proposals: int = 0) -> dict:
     """A model batch of ``n`` random images of ``size`` (H, W) with random boxes, labels (and box-shaped polygon
-    masks), normalised and padded to a multiple of 32, on ``device``."""
+    masks; ``num_proposals`` random precomputed proposals per image for a detector that reads them, Fast R-CNN),
+    normalised and padded to a multiple of 32, on ``device``."""
     from raydet.data.collate import collate_samples
 
     h, w = size
@@ -201,6 +202,8 @@ def synthetic_batch(n: int, size: tuple[int, int], num_classes: int, gt_per_imag
                   "labels": rng.integers(0, max(num_classes, 1), size=gt_per_image).astype(np.int64)}
         if with_masks:
             record["masks"] = [[[x1, y1, x2, y1, x2, y2, x1, y2]] for x1, y1, x2, y2 in boxes.tolist()]
+        if num_proposals:
+            record["proposals"] = random_boxes(rng, num_proposals, h, w)
         samples.append((image, record))
     return move_batch(collate_samples(samples, with_masks=with_masks), device)
 
@@ -465,6 +468,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     batch_size = args.batch or sections.data.images_per_worker
     num_classes = sections.data.num_classes or cfg.get("num_classes") or 1
     with_masks = bool(getattr(getattr(model, "roi_head", None), "with_mask", False))
+    # a detector on precomputed proposals (Fast R-CNN): 1000 per image, what an RPN's test settings keep
+    num_proposals = 1000 if getattr(model, "requires_proposals", False) else 0
     rng = np.random.default_rng(sections.seed)
     record = {
         "environment": environment(device),
@@ -478,6 +483,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             "size_hw": list(size), "train_batch": batch_size, "inference_batch": 1, "iters": args.iters,
             "warmup": args.warmup, "statistic": "median", "gt_per_image": args.gt_per_image,
             "num_classes": num_classes, "with_masks": with_masks, "data_images": args.data_images,
+            "proposals_per_image": num_proposals,
             "skip": sorted(skip), "optimizer": optimizer_cfg.type,
             "inputs": "train / inference: synthetic random images and boxes, normalised and padded before timing; "
                       "data: the pipeline's training dataset",
@@ -492,7 +498,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     print("precisions: " + "; ".join(describe_precision(p, device) for p in precisions), flush=True)
 
     if "train" not in skip:
-        batch = synthetic_batch(batch_size, size, num_classes, args.gt_per_image, with_masks, rng, device)
+        batch = synthetic_batch(batch_size, size, num_classes, args.gt_per_image, with_masks, rng, device,
+                                num_proposals)
         results["train"] = {}
         for p in precisions:
             results["train"][p["name"]] = r = bench_train(model, initial_state, optimizer_cfg, batch, p, args.iters,
@@ -503,7 +510,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
             _empty_cache(device)
         del batch
     if "inference" not in skip:
-        batch = synthetic_batch(1, size, num_classes, args.gt_per_image, with_masks, rng, device)
+        batch = synthetic_batch(1, size, num_classes, args.gt_per_image, with_masks, rng, device, num_proposals)
         results["inference"] = {}
         for p in precisions:
             results["inference"][p["name"]] = bench_inference(model, initial_state, batch, p, args.iters,

@@ -21,6 +21,10 @@ Without a COCO json, images get ids ``1..N`` in input order, and ``images.json``
 ``id``, absolute ``file_name``, ``height``, ``width``, plus ``categories``) maps them back to the files;
 ``COCO("images.json").loadRes("results.json")`` works.
 
+A detector on precomputed proposals (Fast R-CNN) needs ``--proposal-file FILE`` (:mod:`raydet.data.proposals`, e.g.
+written by ``raydet test --out-proposals``), keyed by the images' ids (a COCO json input's, else 1..N in input order):
+each image gets all of its proposals, transformed with it. An image without proposals is an error naming its id.
+
 Each actor builds the pipeline's model once, loads the checkpoint's weights (shipped once through the object
 store), decodes images (:func:`raydet.data.read_image`: strict JPEG decoding, EXIF orientation), applies the
 pipeline's test transforms (``data.test.pipeline``, else ``data.val.pipeline``) and the collate step, and runs
@@ -425,8 +429,9 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
 class DetectionPredictor:
     """Ray Data actor: decode, transform, collate and predict a batch of images with one model per actor.
 
-    Input columns: ``index, image_id, path, height, width`` (the size a COCO json gives, 0 = unknown) and
-    ``vis_path`` (where to write the drawing, "" = none). Output: one row per input row, in order::
+    Input columns: ``index, image_id, path, height, width`` (the size a COCO json gives, 0 = unknown),
+    ``vis_path`` (where to write the drawing, "" = none) and, with a proposal file, ``proposals`` (the image's
+    boxes flattened, x1, y1, x2, y2 in original pixels). Output: one row per input row, in order::
 
         index, image_id (int64), path (str), height, width (int64, of the decoded image; 0 on error)
         boxes   float32 (n, 4) x1, y1, x2, y2 in original-image pixels; scores float32 (n,); labels int64 (n,)
@@ -489,6 +494,11 @@ class DetectionPredictor:
         h, w = image.shape[:2]
         record = {"image_id": image_id, "height": h, "width": w, "boxes": np.zeros((0, 4), np.float32),
                   "labels": np.zeros(0, np.int64)}
+        if "proposals" in batch:  # clipped to the decoded image, as the dataset readers clip them
+            proposals = np.asarray(batch["proposals"][i], np.float32).reshape(-1, 4).copy()
+            proposals[:, 0::2] = proposals[:, 0::2].clip(0, w)
+            proposals[:, 1::2] = proposals[:, 1::2].clip(0, h)
+            record["proposals"] = proposals
         sample = self.transforms(record_to_sample(record, image), image_rng(0, 0, int(batch["index"][i])))
         return sample, image
 
@@ -663,8 +673,9 @@ def _resources(num_actors, gpus_per_actor, cpus_per_actor) -> tuple[int, float, 
     return int(num_actors), float(gpus_per_actor), float(cpus_per_actor)
 
 
-def _input_dataset(images: list[dict], vis_dir: str | None, batch_size: int):
-    """The light rows as Arrow blocks holding a multiple of ``batch_size`` rows each (at most ~200 blocks)."""
+def _input_dataset(images: list[dict], vis_dir: str | None, batch_size: int, proposals: dict | None = None):
+    """The light rows as Arrow blocks holding a multiple of ``batch_size`` rows each (at most ~200 blocks), with each
+    image's proposals (``proposals``: image id -> (k, 4) boxes) flattened into a list column."""
     import pyarrow as pa
     import ray
 
@@ -674,7 +685,7 @@ def _input_dataset(images: list[dict], vis_dir: str | None, batch_size: int):
     tables = []
     for start in range(0, n, per_block):
         chunk = images[start:start + per_block]
-        tables.append(pa.table({
+        columns = {
             "index": pa.array([im["index"] for im in chunk], pa.int64()),
             "image_id": pa.array([im["image_id"] for im in chunk], pa.int64()),
             "path": pa.array([im["path"] for im in chunk], pa.string()),
@@ -682,14 +693,43 @@ def _input_dataset(images: list[dict], vis_dir: str | None, batch_size: int):
             "width": pa.array([im["width"] for im in chunk], pa.int64()),
             "vis_path": pa.array([fileio.join(vis_dir, im["name"] + ".png") if vis_dir else "" for im in chunk],
                                  pa.string()),
-        }))
+        }
+        if proposals is not None:
+            columns["proposals"] = pa.array([proposals[im["image_id"]].reshape(-1) for im in chunk],
+                                            pa.list_(pa.float32()))
+        tables.append(pa.table(columns))
     return ray.data.from_arrow(tables)
+
+
+def _image_proposals(proposal_file: str | None, images: list[dict], model_name: str,
+                     required: bool) -> dict | None:
+    """image id -> its (k, 4) proposals from ``proposal_file`` (None without one).
+
+    Raises:
+        ValueError: the model needs proposals and there is no file, or the file has none for some input image
+            (naming up to 5 ids).
+    """
+    if not proposal_file:
+        if required:
+            raise ValueError(f"{model_name} predicts from precomputed proposals: give --proposal-file (e.g. written "
+                             f"by `raydet test <rpn pipeline> <checkpoint> --out-proposals FILE`)")
+        return None
+    from raydet.data.proposals import read_proposals
+
+    read = read_proposals(proposal_file)
+    missing = [im["image_id"] for im in images if im["image_id"] not in read]
+    if missing:
+        some = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(f"{proposal_file}: no proposals for {len(missing)} of the {len(images)} input images, e.g. "
+                         f"image id(s) {some} (ids: a COCO json input's, else 1..N in input order)")
+    return {im["image_id"]: read[im["image_id"]][0] for im in images}
 
 
 def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("coco",), draw: bool = False,
           score_thr: float = 0.3, batch_size: int = 4, num_actors: int | None = None,
           gpus_per_actor: float | None = None, cpus_per_actor: float | None = None, img_prefix: str | None = None,
-          on_error: str = "fail", progress: bool | None = None, exif_orientation: str | None = None) -> dict:
+          on_error: str = "fail", progress: bool | None = None, exif_orientation: str | None = None,
+          proposal_file: str | None = None) -> dict:
     """Run ``checkpoint`` on ``inputs`` as a Ray Data job and write the outputs into ``out_dir``.
 
     Returns a summary ``{"images", "skipped", "detections", "seconds", "images_per_s", "outputs": {kind: path}}``
@@ -697,7 +737,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     bad inputs, a checkpoint that does not fit the pipeline's model, or (``on_error="fail"``) an unreadable image.
     ``progress``: Ray Data's progress bars for this job (default: the pipeline's ``runtime.progress``; ``auto``:
     when stderr is a terminal). ``exif_orientation``: auto, apply or ignore (default: the pipeline's, see the module
-    docstring).
+    docstring). ``proposal_file``: precomputed proposals, needed by a detector that reads them (Fast R-CNN).
     """
     import ray
     import torch
@@ -749,6 +789,8 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     load_model_weights(model, state["model"], source)
     classes, cat_ids = checkpoint_classes(state.get("meta") or {}, model, source)
     with_masks = bool(getattr(getattr(model, "roi_head", None), "with_mask", False))
+    proposals = _image_proposals(proposal_file, image_set.images, type(model).__name__,
+                                 getattr(model, "requires_proposals", False))
     del model
 
     vis_dir = fileio.join(out_dir if remote else os.path.abspath(out_dir), "vis") if draw else None
@@ -766,7 +808,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     del state
     # an actor's exception reaches the command as itself, not as Ray Data's UserCodeException (as in training)
     ray.data.DataContext.get_current().raise_original_map_exception = True
-    ds = _input_dataset(image_set.images, vis_dir, batch_size)
+    ds = _input_dataset(image_set.images, vis_dir, batch_size, proposals)
     ds = ds.map_batches(
         DetectionPredictor,
         fn_constructor_kwargs={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
@@ -893,6 +935,9 @@ def main(argv=None) -> int:
                         help="EXIF-rotated photos: auto (upright; with a COCO json, the frame its sizes give), apply "
                              "(upright) or ignore (stored pixels); default: the pipeline's data.test setting, else "
                              "auto")
+    parser.add_argument("--proposal-file", default=None, metavar="FILE",
+                        help="precomputed proposals by image id (raydet.data.proposals; raydet test --out-proposals), "
+                             "for a detector that reads them (Fast R-CNN)")
     args = parser.parse_args(argv)
     setup_logging()
     out = None
@@ -904,7 +949,8 @@ def main(argv=None) -> int:
         summary = infer(cfg, args.checkpoint, args.inputs, out, formats=args.format, draw=args.draw,
                         score_thr=args.score_thr, batch_size=args.batch_size, num_actors=args.num_actors,
                         gpus_per_actor=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor,
-                        img_prefix=args.img_prefix, on_error=args.on_error, exif_orientation=args.exif_orientation)
+                        img_prefix=args.img_prefix, on_error=args.on_error, exif_orientation=args.exif_orientation,
+                        proposal_file=args.proposal_file)
     except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
         from raydet.commands.ray_setup import release_ray
         from raydet.errors import report_failure

@@ -7,7 +7,8 @@
      "labels": int64   (n,)    contiguous class index in [0, num_classes),
      "ignore": bool    (n,)    crowd / difficult boxes: neither positive nor negative in training,
      "masks":  optional list of n instance masks, each a list of polygons (flat [x0, y0, x1, y1, ...])
-               or a COCO RLE dict}
+               or a COCO RLE dict,
+     "proposals": optional float32 (k, 4) precomputed proposals, original pixels (raydet.data.proposals)}
 
 **Batch** (what ``model.loss`` and ``model.predict`` take; torch)::
 
@@ -22,12 +23,14 @@
      "gt_boxes":  list of B float32 (n_i, 4) in img_shape pixels (after resize and flip),
      "gt_labels": list of B int64 (n_i,),
      "gt_boxes_ignore": optional list of B float32 (k_i, 4),
-     "gt_masks":  optional list of B uint8 (n_i, h, w) bitmaps at img_shape}
+     "gt_masks":  optional list of B uint8 (n_i, h, w) bitmaps at img_shape,
+     "proposals": optional list of B float32 (k_i, 4) in img_shape pixels, transformed as gt_boxes}
 
 **Prediction** (``model.predict`` returns one per image, in original image pixels)::
 
     {"boxes": float32 (m, 4), "scores": float32 (m,), "labels": int64 (m,),
-     "masks": bool (m, h0, w0)  (Mask R-CNN only)}
+     "masks": bool (m, h0, w0)  (Mask R-CNN only),
+     "mask_scores": float32 (m,)  (Mask Scoring R-CNN: the masks' scores for segm evaluation)}
 """
 from __future__ import annotations
 

@@ -1,8 +1,12 @@
-"""``python -m raydet.test PIPELINE CHECKPOINT [--set k=v ...] [--out DIR] [--split test|val]``: evaluate a checkpoint.
+"""``python -m raydet.test PIPELINE CHECKPOINT [--set k=v ...] [--out DIR] [--split test|val] [--out-proposals FILE]``:
+evaluate a checkpoint.
 
 The images stream through the same Ray Data pipeline as in training; the Ray Train workers each predict their share,
 rank 0 gathers the predictions, writes the COCO result json and a metrics file, and the driver prints the table.
 The checkpoint, the pipeline's data and ``--out`` may be in object storage (``s3://``, ``gs://``: :mod:`raydet.fileio`).
+``--out-proposals FILE`` also writes every image's predicted boxes and scores as a proposal file
+(:mod:`raydet.data.proposals`, a pickle-free ``.npz``): on an RPN pipeline, the proposals a Fast R-CNN pipeline's
+``proposal_file`` reads.
 """
 from __future__ import annotations
 
@@ -33,16 +37,18 @@ __all__ = ["main", "evaluate", "eval_loop_per_worker"]
 
 
 def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, out_dir: str | None, val_loader,
-                            rank: int = 0, world_size: int = 1):
+                            rank: int = 0, world_size: int = 1, out_proposals: str | None = None):
     """A Runner that only evaluates: the pipeline's model with the checkpoint's weights and an EvalHook (plus a
-    progress bar over this worker's images, ``runtime.progress``)."""
+    progress bar over this worker's images, ``runtime.progress``); ``out_proposals``: the proposal file rank 0
+    writes (None: none)."""
     sections = parse_sections(cfg)
     model = cfg.build("model")
     state = load_checkpoint(checkpoint, map_location="cpu")
     load_model_weights(model, state["model"], str(checkpoint))
     model.to(device)
     results_file = fileio.join(out_dir, "results.json") if out_dir else None
-    evaluator = DatasetEvaluator.from_settings(dataset, sections.evaluation, results_file=results_file)
+    evaluator = DatasetEvaluator.from_settings(dataset, sections.evaluation, results_file=results_file,
+                                               proposals_file=out_proposals)
     hooks = [EvalHook(evaluator)] + ([ProgressBarHook()] if sections.runtime.progress is True else [])
     return Runner(model, optimizer=None, train_loader=None, val_loader=val_loader, max_epochs=0, hooks=hooks,
                   device=device, amp=sections.train.amp, val_images=len(dataset.records[rank::world_size]))
@@ -57,15 +63,18 @@ def eval_loop_per_worker(config: dict) -> dict:
     _, val_loader = ray_loaders({"val": dataset}, sections, rank, world, iters_per_epoch=0)
     runner = build_evaluation_runner(cfg, dataset, config["checkpoint"], device=device,
                                      out_dir=config["out_dir"] if rank == 0 else None, val_loader=val_loader,
-                                     rank=rank, world_size=world)
+                                     rank=rank, world_size=world,
+                                     out_proposals=config.get("out_proposals") if rank == 0 else None)
     runner.val()
     if rank == 0 and config["out_dir"]:
         fileio.write_text(fileio.join(config["out_dir"], "metrics.json"), json.dumps(runner.metrics, indent=2))
     return {"metrics": runner.metrics}
 
 
-def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str | None = None) -> dict:
-    """Evaluate ``checkpoint`` on the pipeline's ``data.<split>`` with the pipeline's scaling; returns the metrics."""
+def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str | None = None,
+             out_proposals: str | None = None) -> dict:
+    """Evaluate ``checkpoint`` on the pipeline's ``data.<split>`` with the pipeline's scaling; returns the metrics.
+    ``out_proposals``: also write the predictions as a proposal file there (:mod:`raydet.data.proposals`)."""
     import ray
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
@@ -84,11 +93,15 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     init_ray()
     check_cluster_resources(sections)
     check_shared_storage(storage, "--out", cluster_node_count(), sections.runtime.shared_storage)
+    if out_proposals:  # written by rank 0, on whichever node it runs
+        check_shared_storage(fileio.dirname(_absolute(out_proposals)), "--out-proposals", cluster_node_count(),
+                             sections.runtime.shared_storage)
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
                            "dataset": [ray.put(dataset)], "checkpoint": _absolute(str(checkpoint)),
-                           "out_dir": out_dir},
+                           "out_dir": out_dir,
+                           "out_proposals": _absolute(out_proposals) if out_proposals else None},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),
         run_config=RunConfig(name=f"test-{Path(cfg.path).stem}-{os.getpid()}",
                              storage_path=storage, **train_run_config_kwargs()))
@@ -124,6 +137,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--split", default="test", choices=["test", "val"])
     parser.add_argument("--out", default=None, help="folder for results.json and metrics.json")
+    parser.add_argument("--out-proposals", default=None, metavar="FILE",
+                        help="also write each image's predicted boxes and scores as a proposal file (.npz, see "
+                             "raydet.data.proposals): an RPN pipeline's proposals for a Fast R-CNN proposal_file")
     args = parser.parse_args(argv)
     setup_logging()
     out = None
@@ -132,12 +148,14 @@ def main(argv=None) -> int:
         sections = parse_sections(cfg)
         out = (resolve_work_dir(args.out, work_root=sections.runtime.work_root, key="--out", allow_uri=True)
                if args.out else fileio.join(work_dir_of(cfg, sections, allow_uri=True), "test"))
-        metrics = evaluate(cfg, args.checkpoint, split=args.split, out_dir=out)
+        metrics = evaluate(cfg, args.checkpoint, split=args.split, out_dir=out, out_proposals=args.out_proposals)
     except Exception as exc:  # one line (ours, or the original behind Ray's wrapping); the traceback to a file
         release_ray()  # no worker output after the error line
         return report_failure(exc, out if out and (fileio.is_uri(out) or os.path.isdir(out)) else None, "test")
     print(format_metrics(metrics))
     print(f"results and metrics written to {out}")
+    if args.out_proposals:
+        print(f"proposals written to {args.out_proposals}")
     return 0
 
 

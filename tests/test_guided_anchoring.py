@@ -280,18 +280,25 @@ def shapes():
     return [r for _, r in samples], collate_samples(samples)
 
 
+@pytest.fixture(scope="module")
+def small_shapes():
+    torch.set_num_threads(2)
+    samples = make_shapes_dataset(2, height=64, width=64, max_objects=2, seed=3)  # 3 shapes of 23-30 px
+    return [r for _, r in samples], collate_samples(samples)
+
+
 @pytest.mark.parametrize("pipeline,extra,iters,lr", [
     ("ga_retinanet_r50_caffe_fpn_1x_coco.yaml", ["model.bbox_head.in_channels=64", "model.bbox_head.feat_channels=64"],
-     110, 2e-3),
+     100, 2e-3),
     ("ga_faster_r50_caffe_fpn_1x_coco.yaml", TINY_RPN + ["model.roi_head.bbox_head.in_channels=64",
                                                          "model.roi_head.bbox_head.fc_out_channels=256",
-                                                         "model.roi_head.sampler.num=128"], 60, 1e-3),
+                                                         "model.roi_head.sampler.num=128"], 60, 2e-3),
 ], ids=["ga_retinanet", "ga_faster_rcnn"])
-def test_ga_detector_overfits_a_few_images(shapes, pipeline, extra, iters, lr):
-    records, batch = shapes
-    torch.manual_seed(0)
+def test_ga_detector_overfits_a_few_images(small_shapes, pipeline, extra, iters, lr):
+    records, batch = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass (AP50 1.0)
     model = _build(pipeline, TINY + extra)
-    first, last = _train(model, batch, iters, lr=lr)
+    first, last = _train(model, batch, iters, lr=lr, warmup=10, fused=True)
     assert sum(last.values()) < 0.5 * sum(first.values())
     with torch.no_grad():
         preds = model(batch, mode="predict")

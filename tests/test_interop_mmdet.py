@@ -47,6 +47,18 @@ PIPELINES = {
     "ga-retinanet_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ga_retinanet_r50_caffe_fpn_1x_coco.yaml",
     "ga-rpn_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ga_rpn_r50_caffe_fpn_1x_coco.yaml",
     "ga-faster-rcnn_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ga_faster_r50_caffe_fpn_1x_coco.yaml",
+    "libra-faster-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "libra_faster_rcnn_r50_fpn_1x_coco.yaml",
+    "libra-retinanet_r50_fpn_1x_coco": ROOT / "pipelines" / "libra_retinanet_r50_fpn_1x_coco.yaml",
+    "faster-rcnn_r50_fpn_ohem_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_ohem_1x_coco.yaml",
+    "fast-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "fast_rcnn_r50_fpn_1x_coco.yaml",
+    "dh-faster-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "dh_faster_rcnn_r50_fpn_1x_coco.yaml",
+    "grid-rcnn_r50_fpn_gn-head_2x_coco": ROOT / "pipelines" / "grid_rcnn_r50_fpn_gn-head_2x_coco.yaml",
+    "ms-rcnn_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "ms_rcnn_r50_caffe_fpn_1x_coco.yaml",
+    "cascade-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "cascade_rcnn_r50_fpn_1x_coco.yaml",
+    "cascade-rcnn_r50_fpn_20e_coco": ROOT / "pipelines" / "cascade_rcnn_r50_fpn_20e_coco.yaml",
+    "cascade-mask-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "cascade_mask_rcnn_r50_fpn_1x_coco.yaml",
+    "htc_r50_fpn_1x_coco": ROOT / "pipelines" / "htc_r50_fpn_1x_coco.yaml",
+    "htc-without-semantic_r50_fpn_1x_coco": ROOT / "pipelines" / "htc_without_semantic_r50_fpn_1x_coco.yaml",
 }
 _, COCO_NAMES, _ = coco_slots()
 
@@ -56,6 +68,18 @@ BACKBONE = {"backbone.layer4.2.bn3.running_var": "backbone.layer4.2.bn3.running_
             "backbone.layer1.0.downsample.1.num_batches_tracked": "backbone.layer1.0.downsample.1.num_batches_tracked"}
 NECK = {"neck.lateral_convs.0.conv.weight": "neck.lateral_convs.0.0.weight",
         "neck.fpn_convs.2.conv.bias": "neck.fpn_convs.2.0.bias"}
+# Cascades: one box (and mask) head per stage, ``bbox_head.<t>.`` / ``mask_head.<t>.``; HTC's conv_res (stages 1, 2)
+CASCADE = {**BACKBONE, **NECK,
+           "roi_head.bbox_head.0.shared_fcs.1.weight": "roi_head.bbox_head.0.shared_fcs.2.weight",
+           "roi_head.bbox_head.2.shared_fcs.0.bias": "roi_head.bbox_head.2.shared_fcs.0.bias",
+           "roi_head.bbox_head.1.fc_cls.weight": "roi_head.bbox_head.1.fc_cls.weight",
+           "roi_head.bbox_head.2.fc_reg.bias": "roi_head.bbox_head.2.fc_reg.bias"}
+CASCADE_MASK = {"roi_head.mask_head.0.convs.0.conv.weight": "roi_head.mask_head.0.convs.0.weight",
+                "roi_head.mask_head.2.convs.3.conv.bias": "roi_head.mask_head.2.convs.6.bias",
+                "roi_head.mask_head.1.upsample.weight": "roi_head.mask_head.1.upsample.weight",
+                "roi_head.mask_head.2.conv_logits.bias": "roi_head.mask_head.2.conv_logits.bias"}
+HTC_FLOW = {"roi_head.mask_head.1.conv_res.conv.weight": "roi_head.mask_head.1.conv_res.0.weight",
+            "roi_head.mask_head.2.conv_res.conv.bias": "roi_head.mask_head.2.conv_res.0.bias"}
 EXPECTED = {
     "faster-rcnn_r50_fpn_1x_coco": {
         **BACKBONE, **NECK,
@@ -127,6 +151,63 @@ EXPECTED = {
         "rpn_head.conv_cls.bias": "rpn_head.conv_cls.bias",
         "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight",
         "roi_head.bbox_head.fc_reg.bias": "roi_head.bbox_head.fc_reg.bias"},
+    "dh-faster-rcnn_r50_fpn_1x_coco": {  # Double-Head's layers keep MMDetection's names (mmcv ConvModule included)
+        **BACKBONE, **NECK,
+        "roi_head.bbox_head.res_block.conv1.conv.weight": "roi_head.bbox_head.res_block.conv1.conv.weight",
+        "roi_head.bbox_head.res_block.conv_identity.bn.running_var":
+            "roi_head.bbox_head.res_block.conv_identity.bn.running_var",
+        "roi_head.bbox_head.conv_branch.3.bn3.bias": "roi_head.bbox_head.conv_branch.3.bn3.bias",
+        "roi_head.bbox_head.fc_branch.1.weight": "roi_head.bbox_head.fc_branch.1.weight",
+        "roi_head.bbox_head.fc_reg.weight": "roi_head.bbox_head.fc_reg.weight"},
+    "grid-rcnn_r50_fpn_gn-head_2x_coco": {  # the grid head keeps MMDetection's names; no fc_reg
+        **BACKBONE, **NECK,
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight",
+        "roi_head.grid_head.convs.7.gn.weight": "roi_head.grid_head.convs.7.gn.weight",
+        "roi_head.grid_head.deconv2.weight": "roi_head.grid_head.deconv2.weight",
+        "roi_head.grid_head.forder_trans.4.3.0.weight": "roi_head.grid_head.forder_trans.4.3.0.weight",
+        "roi_head.grid_head.sorder_trans.8.1.1.bias": "roi_head.grid_head.sorder_trans.8.1.1.bias"},
+    "libra-faster-rcnn_r50_fpn_1x_coco": {  # neck = [FPN, BFP]: neck.0 the FPN's rules, neck.1 the BFP
+        **BACKBONE,
+        "neck.0.lateral_convs.0.conv.weight": "neck.0.lateral_convs.0.0.weight",
+        "neck.0.fpn_convs.3.conv.bias": "neck.0.fpn_convs.3.0.bias",
+        "neck.1.refine.g.conv.weight": "neck.1.refine.g.weight",
+        "neck.1.refine.theta.conv.bias": "neck.1.refine.theta.bias",
+        "neck.1.refine.phi.conv.weight": "neck.1.refine.phi.weight",
+        "neck.1.refine.conv_out.conv.weight": "neck.1.refine.conv_out.weight",
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight"},
+    "libra-retinanet_r50_fpn_1x_coco": {
+        **BACKBONE,
+        "neck.0.lateral_convs.2.conv.weight": "neck.0.lateral_convs.2.0.weight",
+        "neck.0.fpn_convs.3.conv.weight": "neck.0.extra_convs.0.0.weight",  # P6 from C5 (on_input), 3 laterals
+        "neck.0.fpn_convs.4.conv.bias": "neck.0.extra_convs.1.0.bias",
+        "neck.1.refine.conv_out.conv.bias": "neck.1.refine.conv_out.bias",
+        "bbox_head.cls_convs.1.conv.weight": "bbox_head.cls_convs.2.weight"},
+    "faster-rcnn_r50_fpn_ohem_1x_coco": {  # the sampler has no parameters: Faster R-CNN's tensors
+        **BACKBONE, **NECK,
+        "roi_head.bbox_head.shared_fcs.1.bias": "roi_head.bbox_head.shared_fcs.2.bias",
+        "roi_head.bbox_head.fc_cls.weight": "roi_head.bbox_head.fc_cls.weight"},
+    "fast-rcnn_r50_fpn_1x_coco": {  # Faster R-CNN's layout without rpn_head
+        **BACKBONE, **NECK,
+        "roi_head.bbox_head.shared_fcs.0.bias": "roi_head.bbox_head.shared_fcs.0.bias",
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight",
+        "roi_head.bbox_head.fc_reg.weight": "roi_head.bbox_head.fc_reg.weight"},
+    "ms-rcnn_r50-caffe_fpn_1x_coco": {  # Mask R-CNN's layout plus the MaskIoU head (plain convs and linears)
+        **BACKBONE, **NECK,
+        "roi_head.mask_head.convs.2.conv.weight": "roi_head.mask_head.convs.4.weight",
+        "roi_head.mask_iou_head.convs.0.weight": "roi_head.mask_iou_head.convs.0.weight",
+        "roi_head.mask_iou_head.convs.3.bias": "roi_head.mask_iou_head.convs.3.bias",
+        "roi_head.mask_iou_head.fcs.1.weight": "roi_head.mask_iou_head.fcs.1.weight",
+        "roi_head.mask_iou_head.fc_mask_iou.bias": "roi_head.mask_iou_head.fc_mask_iou.bias"},
+    "cascade-rcnn_r50_fpn_1x_coco": CASCADE,
+    "cascade-rcnn_r50_fpn_20e_coco": CASCADE,
+    "cascade-mask-rcnn_r50_fpn_1x_coco": {**CASCADE, **CASCADE_MASK},
+    "htc-without-semantic_r50_fpn_1x_coco": {**CASCADE, **CASCADE_MASK, **HTC_FLOW},
+    "htc_r50_fpn_1x_coco": {  # the semantic head's ConvModules (1x1 + ReLU) and its 3x3 tower
+        **CASCADE, **CASCADE_MASK, **HTC_FLOW,
+        "roi_head.semantic_head.lateral_convs.4.conv.weight": "roi_head.semantic_head.lateral_convs.4.0.weight",
+        "roi_head.semantic_head.convs.3.conv.bias": "roi_head.semantic_head.convs.6.bias",
+        "roi_head.semantic_head.conv_embedding.conv.weight": "roi_head.semantic_head.conv_embedding.0.weight",
+        "roi_head.semantic_head.conv_logits.bias": "roi_head.semantic_head.conv_logits.bias"},
 }
 
 

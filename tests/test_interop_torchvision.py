@@ -242,7 +242,7 @@ def _spread_retina_scores(model: nn.Module, num_slots: int) -> None:
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         bias = model.head.classification_head.cls_logits.bias.view(9, num_slots)
-        bias.copy_(torch.randn(9, num_slots, generator=gen) - 6.5)
+        bias.copy_(torch.randn(9, num_slots, generator=gen) - 3.0)
         if num_slots == 91:
             bias[:, [0] + UNUSED_IDS] = -12.0
 

@@ -262,6 +262,23 @@ def test_the_readers_read_annotations_and_images_from_the_bucket(s3, dataset, tm
     assert voc.records[1]["img_path"] == f"s3://{BUCKET}/voc/JPEGImages/b.jpg"
 
 
+def test_a_proposal_file_in_the_bucket_is_written_and_read_by_a_dataset(s3, dataset):
+    """raydet.data.proposals through s3://: the file a CocoDataset's proposal_file reads; a missing one names it."""
+    from raydet.data.datasets import CocoDataset
+    from raydet.data.proposals import write_proposals
+
+    uri = f"s3://{BUCKET}/proposals/test.npz"
+    boxes = [np.array([[1, 2, 30, 40], [5, 5, 9, 9]], np.float32) + i for i in range(len(TEST_IDS))]
+    write_proposals(uri, list(TEST_IDS), boxes, [np.array([0.2, 0.7], np.float32)] * len(TEST_IDS))
+    ds = CocoDataset(f"s3://{BUCKET}/data/annotations/test.json", f"s3://{BUCKET}/data/images/", proposal_file=uri,
+                     num_max_proposals=1, check_images=False)
+    assert [r["proposals"].tolist() for r in ds.records] == [[[5 + i, 5 + i, 9 + i, 9 + i]] for i in range(4)]
+    with pytest.raises(ValueError, match=rf"^s3://{BUCKET}/proposals/absent\.npz: proposal file not found \(no "
+                                         rf"object with this key in bucket '{BUCKET}'\)$"):
+        CocoDataset(f"s3://{BUCKET}/data/annotations/test.json", f"s3://{BUCKET}/data/images/",
+                    proposal_file=f"s3://{BUCKET}/proposals/absent.npz", check_images=False)
+
+
 def test_checkpoints_in_the_bucket_are_found_without_downloading_them(s3, monkeypatch):
     """--resume's search: the latest complete checkpoint of a work dir's runs (an upload cut short, without its
     checkpoint.json, is skipped); work dirs resolve to URIs for the commands that write there."""

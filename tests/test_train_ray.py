@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -110,13 +111,24 @@ def test_test_command_evaluates_a_checkpoint_and_writes_results(one_epoch_run, t
 
     _, trained = one_epoch_run
     cfg = load_config(QUICKSTART, SMALL + ["scaling.num_workers=2"])
-    metrics = evaluate(cfg, trained.checkpoint.path, split="test", out_dir=str(tmp_path / "test"))
+    metrics = evaluate(cfg, trained.checkpoint.path, split="test", out_dir=str(tmp_path / "test"),
+                       out_proposals=str(tmp_path / "proposals.npz"))
     assert set(metrics) >= {"bbox/AP", "bbox/AP50", "bbox/AP75"}
     written = json.loads((tmp_path / "test" / "metrics.json").read_text())
     assert written == pytest.approx(metrics)
     results = json.loads((tmp_path / "test" / "results.json").read_text())
     assert all(set(r) >= {"image_id", "category_id", "bbox", "score"} for r in results)
     assert {r["image_id"] for r in results} <= set(range(100001, 100007))
+    # --out-proposals: every test image's predicted boxes and scores (labels dropped), as results.json has them
+    from raydet.data.proposals import read_proposals
+
+    proposals = read_proposals(str(tmp_path / "proposals.npz"))
+    assert sorted(proposals) == list(range(100001, 100007))
+    for image_id, (boxes, scores) in proposals.items():
+        mine = sorted((r for r in results if r["image_id"] == image_id), key=lambda r: -r["score"])
+        assert scores.tolist() == pytest.approx([r["score"] for r in mine], abs=1e-6)
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1).reshape(-1, 4)
+        np.testing.assert_allclose(xywh, np.array([r["bbox"] for r in mine]).reshape(-1, 4), atol=1e-2)
 
 
 def test_a_cpu_budget_that_would_deadlock_fails_clearly(ray_session, tmp_path):

@@ -93,9 +93,11 @@ def _check_shapes(detector) -> None:
         parts.append(("model.neck.in_channels", "the neck does not take the backbone's outputs", neck))
     for name in ("rpn_head", "bbox_head"):
         head = getattr(detector, name, None)
+        # a detector that feeds a head only some of the maps says which (R-FCN's RPN: C4 of C4 / C5)
+        select = getattr(detector, f"{name}_inputs", tuple)
         if isinstance(head, torch.nn.Module):
             parts.append((f"model.{name}.in_channels", "the head does not take the neck's outputs",
-                          lambda feats, head=head: head(tuple(feats))))
+                          lambda feats, head=head, select=select: head(tuple(select(tuple(feats))))))
     image, feats = torch.empty(1, 3, 128, 128, device="meta"), None
     with torch.no_grad():
         for key, what, part in parts:

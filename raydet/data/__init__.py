@@ -8,6 +8,8 @@
   (raydet.data.transforms); SSD's :class:`PhotoMetricDistortion`, :class:`Expand`, :class:`MinIoURandomCrop`
   (raydet.data.augmentation); :func:`build_transforms` splits a pipeline list (raydet.data.pipeline)
 * batches: :func:`collate_detection` (raydet.data.collate)
+* precomputed proposals (Fast R-CNN): :func:`write_proposals`, :func:`read_proposals` (raydet.data.proposals; a
+  dataset's ``proposal_file``)
 * Ray Data: :func:`build_ray_dataset`, :func:`iter_detection_batches` (raydet.data.ray_data; Ray is imported
   only when a dataset is built); :class:`TorchDetectionDataset` is the plain PyTorch reference loader.
 
@@ -20,6 +22,7 @@ from .pipeline import Compose, TorchDetectionDataset, build_transforms, image_rn
 from .ray_data import DecodeAndTransform, build_ray_dataset, iter_detection_batches
 from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Transform, rescale_size, scales_from_range
 from .augmentation import Expand, MinIoURandomCrop, PhotoMetricDistortion
+from .proposals import read_proposals, write_proposals
 
 __all__ = [
     "CollateConfig", "collate_detection", "collate_samples",
@@ -28,7 +31,7 @@ __all__ = [
     "Compose", "build_transforms", "image_rng", "load_sample", "record_to_sample", "TorchDetectionDataset",
     "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches",
     "Transform", "Resize", "RandomFlip", "Normalize", "Pad", "scales_from_range", "rescale_size",
-    "PhotoMetricDistortion", "Expand", "MinIoURandomCrop",
+    "PhotoMetricDistortion", "Expand", "MinIoURandomCrop", "read_proposals", "write_proposals",
 ]
 
 

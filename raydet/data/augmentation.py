@@ -4,7 +4,7 @@ names): photometric distortion, expand (zoom out on a mean-filled canvas) and mi
 Per-image transforms as in :mod:`raydet.data.transforms` (``sample_out = t(sample, rng)``, inputs never modified;
 images stay uint8 RGB). Each transform draws its random values first and then applies a deterministic method
 (``PhotoMetricDistortion.apply``, ``Expand.expand``, ``MinIoURandomCrop.crop``) that the tests call with values
-chosen by hand. Boxes, ignore boxes and instance masks (polygons or RLE) move with the image. ``Expand`` and
+chosen by hand. Boxes, ignore boxes, proposals and instance masks (polygons or RLE) move with the image. ``Expand`` and
 ``MinIoURandomCrop`` change ``img_shape`` but not ``ori_shape`` / ``scale_factor``: they are training
 augmentations, whose predictions are never mapped back to the file.
 """
@@ -178,6 +178,8 @@ class Expand(Transform):
         shift = np.array([left, top, left, top], dtype=np.float32)
         out["boxes"] = np.asarray(sample["boxes"], np.float32).reshape(-1, 4) + shift
         out["ignore_boxes"] = np.asarray(sample["ignore_boxes"], np.float32).reshape(-1, 4) + shift
+        if sample.get("proposals") is not None:
+            out["proposals"] = np.asarray(sample["proposals"], np.float32).reshape(-1, 4) + shift
         if sample.get("masks") is not None:
             masks = []
             for m in sample["masks"]:
@@ -283,6 +285,9 @@ class MinIoURandomCrop(Transform):
         out["boxes"] = self._crop_boxes(boxes, keep, (x1, y1, x2, y2))
         out["labels"] = np.asarray(sample["labels"]).reshape(-1)[keep]
         out["ignore_boxes"] = self._crop_boxes(ignore, self.centre_inside(ignore, (x1, y1, x2, y2)), (x1, y1, x2, y2))
+        if sample.get("proposals") is not None:  # as ignore boxes: kept when their centre is inside
+            props = np.asarray(sample["proposals"], np.float32).reshape(-1, 4)
+            out["proposals"] = self._crop_boxes(props, self.centre_inside(props, (x1, y1, x2, y2)), (x1, y1, x2, y2))
         if sample.get("masks") is not None:
             masks = []
             for m in (sample["masks"][i] for i in np.flatnonzero(keep)):

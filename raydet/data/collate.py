@@ -30,7 +30,7 @@ def collate_detection(samples: list[dict], cfg: CollateConfig, with_masks: bool 
 
     Images are stacked as uint8 (B, H, W, 3) with H, W the largest ``img_shape`` rounded up to
     ``cfg.size_divisor``, moved to ``device`` (default: stay on the CPU), converted to float32, normalised and
-    zeroed outside each image's ``img_shape``. Boxes, labels and ignore boxes go to ``device`` too. With
+    zeroed outside each image's ``img_shape``. Boxes, labels, ignore boxes and proposals go to ``device`` too. With
     ``with_masks``, each sample's ``masks`` (polygons or RLE at img_shape) become uint8 (n, h, w) bitmaps.
     """
     if not samples:
@@ -80,6 +80,9 @@ def collate_detection(samples: list[dict], cfg: CollateConfig, with_masks: bool 
              "gt_boxes_ignore": ignores}
     if with_masks:
         batch["gt_masks"] = masks
+    if any(s.get("proposals") is not None for s in samples):
+        batch["proposals"] = [_to(_tensor(s.get("proposals", np.zeros((0, 4))), np.float32, (-1, 4)), device)
+                              for s in samples]
     return batch
 
 
@@ -89,7 +92,8 @@ def collate_samples(samples, size_divisor: int = 32, with_masks: bool = False, m
 
     Args:
         samples: list of ``(image HxWx3 uint8 RGB, record)``; each record may also carry ``ori_shape``,
-            ``scale_factor`` (sx, sy) and ``flip`` when the image was resized / flipped (defaults: identity).
+            ``scale_factor`` (sx, sy) and ``flip`` when the image was resized / flipped (defaults: identity), and
+            ``proposals`` (k, 4) in the image's pixels (then the batch carries ``proposals``).
         with_masks: rasterise ``record["masks"]`` to (n, h, w) uint8 bitmaps as ``gt_masks``.
     """
     images, metas, boxes, labels, ignores, masks = [], [], [], [], [], []
@@ -121,4 +125,7 @@ def collate_samples(samples, size_divisor: int = 32, with_masks: bool = False, m
              "gt_boxes_ignore": ignores}
     if with_masks:
         batch["gt_masks"] = masks
+    if any(rec.get("proposals") is not None for _, rec in samples):
+        batch["proposals"] = [_tensor(rec.get("proposals", np.zeros((0, 4))), np.float32, (-1, 4))
+                              for _, rec in samples]
     return batch

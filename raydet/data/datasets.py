@@ -33,6 +33,7 @@ from raydet.registry import register
 from .image_io import (CorruptImageError, ImageSizeMismatchError, check_exif_orientation, image_file_ends,
                        image_file_problem, read_image, read_image_header, resolve_orientation, size_text)
 from .pipeline import build_transforms
+from .proposals import attach_proposals
 from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
@@ -440,6 +441,12 @@ class CocoDataset(DetectionDataset):
             images with an EXIF orientation, see :mod:`raydet.data.image_io`. ``auto`` decides per image from the
             header's size: annotations of the upright size get the rotation applied, those of the stored size keep
             the stored pixels, any other size is an ``image_size_mismatch`` problem naming the file.
+        proposal_file: precomputed proposals (:mod:`raydet.data.proposals`, e.g. written by ``raydet test
+            --out-proposals``): each record gets ``proposals`` (k, 4), which the transforms move with the image
+            (Fast R-CNN). A file without proposals for some kept image, or with proposals of an image id that the
+            annotation file does not have, is an error naming the ids.
+        num_max_proposals: the best-scored proposals kept per image (MMDetection's ``LoadProposals``; default 2000,
+            null: all).
 
     Crowd annotations (``iscrowd=1``, or ``ignore=1``) become ignored boxes. Boxes go from xywh to xyxy; a box
     that sticks out of the image by at most 1 px is clipped, further out it is an error, as is a non-positive
@@ -449,7 +456,8 @@ class CocoDataset(DetectionDataset):
     def __init__(self, ann_file: str, img_prefix: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, with_masks: bool = False, num_classes: int | None = None,
                  classes: Sequence[str] | None = None, on_error: OnError = "fail", check_images: CheckImages = True,
-                 exif_orientation: ExifOrientation = "auto"):
+                 exif_orientation: ExifOrientation = "auto", proposal_file: str | None = None,
+                 num_max_proposals: int | None = 2000):
         _check_on_error(on_error)
         _check_check_images(check_images)
         self.exif_orientation = check_exif_orientation(exif_orientation)
@@ -471,6 +479,10 @@ class CocoDataset(DetectionDataset):
         problems.resolve(on_error)
         self.problems = problems
         self._coco_gt = None
+        self.proposal_file = str(proposal_file) if proposal_file else None
+        if self.proposal_file:
+            attach_proposals(records, self.proposal_file, num_max_proposals, self.ann_file,
+                             [im.get("id") for im in data["images"] if isinstance(im, dict) and _is_int(im.get("id"))])
         self._finish(records)
 
     # -- categories / images / annotations
@@ -682,14 +694,16 @@ class VOCDataset(DetectionDataset):
     objects follows ``filter_empty_gt``), so a subset of the classes can be trained; a ``classes`` entry that no
     object of the split names is a warning log line (likely a typo). ``check_images`` and ``exif_orientation`` as in
     :class:`CocoDataset`; a missing ``<size>`` is read from the image's header (the upright size unless
-    ``exif_orientation`` is ``"ignore"``).
+    ``exif_orientation`` is ``"ignore"``). ``proposal_file`` and ``num_max_proposals`` as in :class:`CocoDataset`
+    (the file's image ids are these 1..N).
     """
 
     def __init__(self, roots: Sequence[str], split: str, pipeline: Sequence[dict | Transform] | None = None,
                  filter_empty_gt: bool = False, num_classes: int | None = None,
                  classes: Sequence[str] | None = None, on_error: OnError = "fail",
                  with_difficult_as_ignore: bool = True,
-                 check_images: CheckImages = True, exif_orientation: ExifOrientation = "auto"):
+                 check_images: CheckImages = True, exif_orientation: ExifOrientation = "auto",
+                 proposal_file: str | None = None, num_max_proposals: int | None = 2000):
         _check_on_error(on_error)
         _check_check_images(check_images)
         self.exif_orientation = check_exif_orientation(exif_orientation)
@@ -731,12 +745,16 @@ class VOCDataset(DetectionDataset):
                 if rec is not None:
                     records.append(rec)
         self._log_class_use(explicit=classes is not None)
+        read_ids = [r["image_id"] for r in records]
         if check_images:
             records = check_image_files(records, problems, lambda r: f"image {r['voc_id']}", self.exif_orientation,
                                         "decode" if check_images == "decode" else "header")
         problems.resolve(on_error)
         self.problems = problems
         self._coco_gt = None
+        self.proposal_file = str(proposal_file) if proposal_file else None
+        if self.proposal_file:
+            attach_proposals(records, self.proposal_file, num_max_proposals, self.sources, read_ids)
         self._finish(records)
 
     def _log_class_use(self, explicit: bool) -> None:

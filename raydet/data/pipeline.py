@@ -91,7 +91,8 @@ def record_to_sample(record: dict, image: np.ndarray, with_masks: bool = False) 
     """A record (raydet.structures) and its decoded image -> an untransformed sample (raydet.data.transforms).
 
     Ignored (crowd / difficult) boxes go to ``ignore_boxes``; with ``with_masks`` the masks of the non-ignored
-    instances are kept. The image must have the record's (height, width).
+    instances are kept; a record's ``proposals`` (raydet.data.proposals) are kept. The image must have the record's
+    (height, width).
     """
     h, w = image.shape[:2]
     if (h, w) != (int(record["height"]), int(record["width"])):
@@ -117,6 +118,8 @@ def record_to_sample(record: dict, image: np.ndarray, with_masks: bool = False) 
             raise ValueError(f"image id {record['image_id']}: with_masks=True needs one mask per box, got "
                              f"{None if masks is None else len(masks)} masks for {len(boxes)} boxes")
         sample["masks"] = [masks[i] for i in np.flatnonzero(keep)]
+    if record.get("proposals") is not None:
+        sample["proposals"] = np.asarray(record["proposals"], np.float32).reshape(-1, 4)
     return sample
 
 

@@ -8,11 +8,13 @@ Flow (one Ray Dataset per pass over the data)::
 
 Light rows (the input) carry ``index, image_id, epoch, img_path, file_name, height, width``, ``orientation`` (the
 EXIF orientation the decoder applies, decided by the reader; 0 = not decided, the loader resolves its policy), the
-annotation arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool and, with masks,
-``masks_json`` (the record's polygons / RLE as a JSON string). Output rows carry
+annotation arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool, with masks
+``masks_json`` (the record's polygons / RLE as a JSON string) and, when the dataset has a ``proposal_file``,
+``proposals`` (p, 4) float32. Output rows carry
 
     image         uint8 (h, w, 3) RGB, after the per-image transforms (uint8 keeps object-store traffic 4x lower)
     boxes         float32 (n, 4) (n may be 0), labels int64 (n,), ignore_boxes float32 (k, 4)
+    proposals     (with a proposal file) float32 (p, 4), transformed as boxes are
     image_id, index, epoch, ori_h, ori_w (int64), scale_x, scale_y (float64), flip (bool)
     masks         (with masks) str: the n instance masks as compressed COCO RLE at the transformed size, their
                   ``counts`` joined by single spaces ("" when n == 0). RLE counts use the characters 48..111 only.
@@ -96,6 +98,8 @@ def record_to_row(record: dict, index: int, epoch: int, with_masks: bool) -> dic
     }
     if with_masks:
         row["masks_json"] = json.dumps([_json_safe_mask(m) for m in record["masks"]])
+    if record.get("proposals") is not None:
+        row["proposals"] = np.asarray(record["proposals"], np.float32).reshape(-1, 4)
     return row
 
 
@@ -115,6 +119,8 @@ def row_to_record(batch: dict, i: int, with_masks: bool) -> dict:
         record["orientation"] = int(batch["orientation"][i])
     if with_masks:
         record["masks"] = json.loads(str(batch["masks_json"][i]))
+    if "proposals" in batch:
+        record["proposals"] = np.asarray(batch["proposals"][i], np.float32).reshape(-1, 4)
     return record
 
 
@@ -135,6 +141,8 @@ def sample_to_row(sample: dict, with_masks: bool) -> dict:
     }
     if with_masks:
         row["masks"] = encode_masks(sample["masks"], h, w)
+    if sample.get("proposals") is not None:
+        row["proposals"] = np.asarray(sample["proposals"], np.float32).reshape(-1, 4)
     return row
 
 
@@ -156,6 +164,8 @@ def row_to_sample(batch: dict, i: int, with_masks: bool) -> dict:
     }
     if with_masks:
         sample["masks"] = decode_masks(batch["masks"][i], h, w)
+    if "proposals" in batch:
+        sample["proposals"] = np.asarray(batch["proposals"][i], np.float32).reshape(-1, 4)
     return sample
 
 
@@ -211,6 +221,8 @@ class DecodeAndTransform:
                           "labels": np.zeros(0, np.int64), "ignore_boxes": np.zeros((0, 4), np.float32),
                           "image_id": record["image_id"], "ori_shape": (1, 1), "scale_factor": (1.0, 1.0),
                           "flip": False, "masks": []}
+                if "proposals" in record:  # every row of the dataset has the same columns
+                    sample["proposals"] = np.zeros((0, 4), np.float32)
                 error = str(exc)
             row = sample_to_row(sample, self.with_masks)
             row["error"] = error

@@ -8,6 +8,7 @@ A transform is a callable object ``sample_out = t(sample, rng)`` where ``rng`` i
     boxes         float32 (n, 4) x1, y1, x2, y2 in pixels of ``image`` (the non-ignored objects)
     labels        int64 (n,)
     ignore_boxes  float32 (k, 4) crowd / difficult regions
+    proposals     optional float32 (p, 4) precomputed proposals (Fast R-CNN), moved with the image as boxes are
     masks         optional list of n instance masks (polygons or COCO RLE dicts, see raydet.masks), at ``image``'s size
     image_id      int
     ori_shape     (h0, w0) size of the decoded file
@@ -163,9 +164,9 @@ class Resize(Transform):
             (Pillow's ``BILINEAR``, which also filters over the source footprint when shrinking; what Detectron2's
             ``ResizeTransform`` does to uint8 images), as MMDetection's ``Resize(backend=...)``.
 
-    Boxes are multiplied by the actual ``(new_w / w, new_h / h)`` and clipped to the new image. Polygon masks are
-    scaled the same way; RLE masks are decoded, resized with nearest-neighbour and re-encoded (RLE, str counts).
-    ``scale_factor`` accumulates over successive resizes (it is always img_shape / ori_shape).
+    Boxes and proposals are multiplied by the actual ``(new_w / w, new_h / h)`` and clipped to the new image.
+    Polygon masks are scaled the same way; RLE masks are decoded, resized with nearest-neighbour and re-encoded (RLE,
+    str counts). ``scale_factor`` accumulates over successive resizes (it is always img_shape / ori_shape).
     """
 
     def __init__(self, scale: Sequence[int] | Sequence[Sequence[int]], keep_ratio: bool = True,
@@ -215,6 +216,9 @@ class Resize(Transform):
         out["boxes"] = _clip_boxes(np.asarray(sample["boxes"], np.float32).reshape(-1, 4) * factor, new_h, new_w)
         out["ignore_boxes"] = _clip_boxes(
             np.asarray(sample["ignore_boxes"], np.float32).reshape(-1, 4) * factor, new_h, new_w)
+        if sample.get("proposals") is not None:
+            out["proposals"] = _clip_boxes(
+                np.asarray(sample["proposals"], np.float32).reshape(-1, 4) * factor, new_h, new_w)
         if sample.get("masks") is not None:
             out["masks"] = [_resize_rle(m, h, w, new_h, new_w) if isinstance(m, dict) else _scale_polygons(m, sx, sy)
                             for m in sample["masks"]]
@@ -250,7 +254,9 @@ class RandomFlip(Transform):
         image = sample["image"]
         h, w = image.shape[:2]
         out["image"] = np.ascontiguousarray(image[:, ::-1])
-        for key in ("boxes", "ignore_boxes"):
+        for key in ("boxes", "ignore_boxes", "proposals"):
+            if sample.get(key) is None:
+                continue
             b = np.asarray(sample[key], np.float32).reshape(-1, 4)
             out[key] = np.stack([w - b[:, 2], b[:, 1], w - b[:, 0], b[:, 3]], axis=1).astype(np.float32)
         if sample.get("masks") is not None:

@@ -207,7 +207,9 @@ def predictions_to_coco_results(predictions: list[dict], image_ids: list[int], c
     """raydet predictions -> COCO result entries.
 
     Each entry is ``{"image_id", "category_id", "bbox": [x, y, w, h] (2 decimals), "score"}`` plus a compressed
-    ``"segmentation"`` RLE (str counts) when the prediction has ``masks``. Values may be NumPy arrays or tensors.
+    ``"segmentation"`` RLE (str counts) when the prediction has ``masks``, and a ``"mask_score"`` when it has
+    ``mask_scores`` (Mask Scoring R-CNN: ``segm`` evaluation ranks the masks by it, ``bbox`` by ``score``). Values
+    may be NumPy arrays or tensors.
     """
     if len(predictions) != len(image_ids):
         raise ValueError(f"predictions_to_coco_results: {len(predictions)} predictions for {len(image_ids)} image ids")
@@ -232,6 +234,13 @@ def predictions_to_coco_results(predictions: list[dict], image_ids: list[int], c
                                  f"{len(masks)} masks")
             for e, m in zip(entries, masks):
                 e["segmentation"] = bitmap_to_rle(m)
+        if pred.get("mask_scores") is not None:
+            mask_scores = _numpy(pred["mask_scores"]).astype(np.float64).reshape(-1)
+            if len(mask_scores) != len(entries):
+                raise ValueError(f"predictions_to_coco_results: image {image_id} has {len(entries)} boxes but "
+                                 f"{len(mask_scores)} mask scores")
+            for e, s in zip(entries, mask_scores.tolist()):
+                e["mask_score"] = s
         results.extend(entries)
     return results
 
@@ -260,10 +269,12 @@ def results_to_coco(coco_gt: COCO, results: list[dict], iou_type: str) -> COCO:
     if iou_type == "segm":
         if any("segmentation" not in r for r in results):
             raise ValueError("evaluate_coco: iou_type 'segm' needs a 'segmentation' in every result")
-        # Without 'bbox', loadRes takes the area (for APs/APm/APl) from the mask, not from the box.
-        dets = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+        # Without 'bbox', loadRes takes the area (for APs/APm/APl) from the mask, not from the box. Masks are
+        # ranked by their own score where the detector gives one (Mask Scoring R-CNN's mask_score).
+        dets = [{**{k: v for k, v in r.items() if k not in ("bbox", "mask_score")},
+                 "score": r.get("mask_score", r["score"])} for r in results]
     else:
-        dets = [{k: v for k, v in r.items() if k != "segmentation"} for r in results]
+        dets = [{k: v for k, v in r.items() if k not in ("segmentation", "mask_score")} for r in results]
     with quiet_pycocotools():
         return coco_gt.loadRes(dets)
 

@@ -21,13 +21,16 @@ class DatasetEvaluator:
         proposal_nums: N of AR@N for "proposal".
         results_file: where to write the COCO result json (bbox / segm entries), if anywhere.
         voc_mode: the AP of "voc_map": "area" (VOC2010 and later) or "11points" (VOC2007).
+        proposals_file: where to write every image's predicted boxes and scores (original-image pixels, labels
+            dropped) as a proposal file (:mod:`raydet.data.proposals`), if anywhere: an RPN's proposals for Fast
+            R-CNN (``raydet test --out-proposals``).
 
     Every metric scores against the same ground truth, with the records' meaning of an ignored box and of a valid
     polygon (see :mod:`raydet.evaluation.coco`).
     """
 
     def __init__(self, dataset, metrics=("bbox",), proposal_nums=(100, 300, 1000), results_file: str | None = None,
-                 voc_mode: str = "area"):
+                 voc_mode: str = "area", proposals_file: str | None = None):
         unknown = [m for m in metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"evaluation.metric: unknown metric(s) {unknown}; choose from {list(METRICS)}")
@@ -38,13 +41,15 @@ class DatasetEvaluator:
         self.proposal_nums = tuple(proposal_nums)
         self.results_file = results_file
         self.voc_mode = voc_mode
+        self.proposals_file = proposals_file
 
     @classmethod
-    def from_settings(cls, dataset, evaluation, results_file: str | None = None) -> "DatasetEvaluator":
+    def from_settings(cls, dataset, evaluation, results_file: str | None = None,
+                      proposals_file: str | None = None) -> "DatasetEvaluator":
         """The evaluator of a pipeline's ``evaluation:`` section (:class:`raydet.commands.sections.EvaluationSettings`:
         ``metric``, ``proposal_nums``, ``voc_mode``)."""
         return cls(dataset, evaluation.metric, evaluation.proposal_nums, results_file=results_file,
-                   voc_mode=evaluation.voc_mode)
+                   voc_mode=evaluation.voc_mode, proposals_file=proposals_file)
 
     def convert(self, img_metas: list[dict], predictions: list[dict]) -> list[dict]:
         """Per image: COCO result entries (masks as RLE) and the raw boxes / scores / labels as NumPy."""
@@ -64,6 +69,11 @@ class DatasetEvaluator:
         entries = [e for r in results for e in r["coco"]]
         if self.results_file:
             write_coco_results(entries, self.results_file)
+        if self.proposals_file:
+            from raydet.data.proposals import write_proposals
+
+            write_proposals(self.proposals_file, [r["image_id"] for r in results], [r["boxes"] for r in results],
+                            [r["scores"] for r in results])
         coco_types = [m for m in self.metrics if m in ("bbox", "segm")]
         if coco_types:
             metrics.update(evaluate_coco(self.dataset.coco_gt(), entries, coco_types))

@@ -5,7 +5,15 @@ class count or norm of the same layout): Faster R-CNN, Mask R-CNN, RetinaNet and
 (``faster-rcnn_r50_fpn_1x_coco`` -> ``pipelines/faster_rcnn_r50_fpn_1x_coco.yaml`` etc.), SSD300 / SSD512
 (``ssd300_coco``), FSAF, FCOS (``fcos_r50-caffe_fpn_gn-head_1x_coco``), RetinaNet with GHM losses
 (``retinanet_r50_fpn_ghm-1x_coco``) and Guided Anchoring (``ga-retinanet`` / ``ga-rpn`` / ``ga-faster-rcnn``
-``_r50-caffe_fpn_1x_coco``). A checkpoint file is MMDetection's ``{"meta": {...}, "state_dict": {...}}``;
+``_r50-caffe_fpn_1x_coco``), Libra R-CNN (``libra-faster-rcnn`` / ``libra-retinanet`` ``_r50_fpn_1x_coco``)
+and OHEM (``faster-rcnn_r50_fpn_ohem_1x_coco``), Cascade (Mask) R-CNN (``cascade-rcnn`` /
+``cascade-mask-rcnn`` ``_r50_fpn_1x_coco``) and HTC (``htc`` / ``htc-without-semantic`` ``_r50_fpn_1x_coco``),
+Double-Head R-CNN (``dh-faster-rcnn_r50_fpn_1x_coco``) and Grid R-CNN (``grid-rcnn_r50_fpn_gn-head_2x_coco``;
+raydet keeps the names of both heads' layers: ``res_block``, ``conv_branch``, ``fc_branch``, ``grid_head.*``),
+Mask Scoring R-CNN (``ms-rcnn_r50-caffe_fpn_1x_coco``; the MaskIoU head's plain ``convs.i`` / ``fcs.i`` /
+``fc_mask_iou`` keep their names).
+A checkpoint file is MMDetection's
+``{"meta": {...}, "state_dict": {...}}``;
 :func:`raydet.interop.convert_checkpoint` reads the class names from ``meta['dataset_meta']['classes']`` (3.x) or
 ``meta['CLASSES']`` (2.x).
 
@@ -23,6 +31,8 @@ MMDetection                                            raydet
 ``neck.lateral_convs.i.conv`` / ``.bn`` / ``.gn``      ``neck.lateral_convs.i.0`` / ``.1``
 ``neck.fpn_convs.i.conv`` (i < L lateral convs)        ``neck.fpn_convs.i.0``
 ``neck.fpn_convs.i.conv`` (i >= L: extra levels)       ``neck.extra_convs.(i - L).0``
+``neck.j.*`` (neck lists: Libra's ``[FPN, BFP]``)      ``neck.j.*``, the same rules; BFP's non-local block
+``neck.j.refine.{g,theta,phi,conv_out}.conv``          ``neck.j.refine.{g,theta,phi,conv_out}`` (plain convs)
 ``bbox_head.*`` (3.x RPN detector) or ``rpn_head.*``    ``rpn_head.*`` (RPN, GA-RPN, two-stage detectors)
 ``rpn_head.rpn_conv.i.conv`` (``num_convs`` > 1)       ``rpn_head.rpn_conv.(2 i)`` (conv, ReLU pairs)
 ``roi_head.bbox_head.shared_fcs.i``                    ``roi_head.bbox_head.shared_fcs.(2 i)`` (Linear, ReLU)
@@ -30,6 +40,9 @@ MMDetection                                            raydet
 ``bbox_head.cls_convs.i`` / ``reg_convs.i``            (norm), ``s`` = 3 with a norm (conv, norm, ReLU),
 ``.conv`` / ``.bn`` / ``.gn`` (mmcv ``ConvModule``)    2 without (conv, ReLU): RetinaNet, GHM, FSAF, FCOS
                                                        (GN), GA-RetinaNet
+``roi_head.bbox_head.t.*`` / ``mask_head.t.*``        the same, per stage t (Cascade R-CNN, HTC)
+``mask_head.t.conv_res.conv`` (HTC), ``semantic_head``  ``.0`` of a (conv, ReLU) Sequential; the semantic
+``.lateral_convs.i.conv`` / ``.conv_embedding.conv``   head's ``convs.i.conv`` -> ``convs.(2 i)``
 =====================================================  ===================================================
 
 and one layout: **SSD's prior order.** MMDetection's ``SSDAnchorGenerator`` (3.x and 2.x, with the
@@ -60,14 +73,23 @@ __all__ = ["convert_mmdet", "ssd_prior_order", "to_mmdet"]
 
 Tensor = torch.Tensor
 
-_TOWERS = r"(roi_head\.bbox_head\.shared_convs|roi_head\.mask_head\.convs|bbox_head\.cls_convs|bbox_head\.reg_convs)"
+# (a cascade's per-stage heads: ``roi_head.bbox_head.<t>.`` / ``roi_head.mask_head.<t>.``)
+_TOWERS = (r"(roi_head\.bbox_head\.(?:\d+\.)?shared_convs|roi_head\.mask_head\.(?:\d+\.)?convs|bbox_head\.cls_convs"
+           r"|bbox_head\.reg_convs|roi_head\.semantic_head\.convs)")
+# mmcv ConvModules (conv, ReLU) that raydet keeps as Sequentials (conv, ReLU): ``.conv.`` <-> ``.0.`` (HTC's mask
+# information flow ``conv_res`` and its FusedSemanticHead's lateral and embedding convs)
+_CONV_RELU = r"roi_head\.(mask_head\.\d+\.conv_res|semantic_head\.conv_embedding|semantic_head\.lateral_convs\.\d+)"
+# Libra's BFP (the j-th of a neck list): its non-local block's ConvModules ``refine.<g|theta|phi|conv_out>.conv``
+# are plain convs here; a ``conv`` refine's ``refine.conv`` is entry 0 of a (conv, ReLU) Sequential
+_BFP_REFINE = r"neck\.(\d+)\.refine(?:\.(g|theta|phi|conv_out))?"
 _PART = {"conv": 0, "bn": 1, "gn": 1}  # mmcv ConvModule's layer names (norm: "bn" for BN / SyncBN, "gn" for GN)
 
 # Layers whose keys are the same on both sides, by the detectors that have them (the backbone's keys, ResNet's and
 # SSD's VGG's, pass unchanged too). An RPN detector's head is ``rpn_head`` here (see ``_rpn_only``).
 _SAME_NAMES = [
-    r"roi_head\.bbox_head\.(?:fc_cls|fc_reg)\.(?:weight|bias)",                    # R-CNN box heads' logits
-    r"roi_head\.mask_head\.(?:upsample|conv_logits)\.(?:weight|bias)",             # Mask R-CNN
+    r"roi_head\.bbox_head\.(?:\d+\.)?(?:fc_cls|fc_reg)\.(?:weight|bias)",          # R-CNN box heads' logits
+    r"roi_head\.mask_head\.(?:\d+\.)?(?:upsample|conv_logits)\.(?:weight|bias)",   # Mask R-CNN, cascades
+    r"roi_head\.semantic_head\.conv_logits\.(?:weight|bias)",                      # HTC's FusedSemanticHead
     r"rpn_head\.rpn_(?:conv|cls|reg)\.(?:weight|bias)",                            # RPN; GA-RPN's rpn_conv
     r"bbox_head\.retina_(?:cls|reg)\.(?:weight|bias)",                             # RetinaNet, GHM, FSAF, GA-RetinaNet
     r"(?:bbox|rpn)_head\.conv_(?:cls|reg)\.(?:weight|bias)",                       # FCOS, GA-RPN
@@ -76,6 +98,9 @@ _SAME_NAMES = [
     r"(?:bbox|rpn)_head\.feature_adaption(?:_cls|_reg)?\.conv_(?:offset|adaption)\.weight",  # GA's DCN adaption
     r"bbox_head\.loss_(?:cls|bbox)\.(?:edges|acc_sum)",                            # GHM-C / GHM-R bins and counts
     r"neck\.l2_norm\.weight|neck\.extra_layers\.\d+\.\d+\.conv\.(?:weight|bias)",    # SSDNeck
+    r"roi_head\.bbox_head\.(?:res_block|conv_branch|fc_branch)\..+",                 # Double-Head R-CNN
+    r"roi_head\.grid_head\..+",                                                    # Grid R-CNN
+    r"roi_head\.mask_iou_head\.(?:convs\.\d+|fcs\.\d+|fc_mask_iou)\.(?:weight|bias)",  # Mask Scoring R-CNN
 ]
 _SAME = re.compile(r"^(?:backbone\..+|" + "|".join(_SAME_NAMES) + r")$")
 # SSDHead's per-level classifier and regressor: the same names, another prior order (see ``_LAYOUTS``)
@@ -149,13 +174,12 @@ def _rpn_only(keys) -> bool:
 
 def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
     """(MMDetection key pattern, raydet key of (match, target state)); an RPN's head already named ``rpn_head``."""
-    laterals = _num_laterals(source, "neck.lateral_convs")
-
-    def fpn(m, t):
-        i, part = int(m[1]), _PART[m[2]]
+    def fpn(m, t):  # m[1]: "" or "j." (the j-th of a neck list, e.g. Libra's [FPN, BFP])
+        laterals = _num_laterals(source, f"neck.{m[1]}lateral_convs")
+        i, part = int(m[2]), _PART[m[3]]
         if i < laterals:
-            return f"neck.fpn_convs.{i}.{part}.{m[3]}"
-        return f"neck.extra_convs.{i - laterals}.{part}.{m[3]}"
+            return f"neck.{m[1]}fpn_convs.{i}.{part}.{m[4]}"
+        return f"neck.{m[1]}extra_convs.{i - laterals}.{part}.{m[4]}"
 
     def tower(prefix, block, part, param, t):
         return f"{prefix}.{_stride(t, prefix) * block + _PART[part]}.{param}"
@@ -163,13 +187,15 @@ def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
     return [
         (_SAME.pattern, lambda m, t: m[0]),
         (_SSD_HEAD.pattern, lambda m, t: m[0]),
-        (r"^neck\.lateral_convs\.(\d+)\.(conv|bn|gn)\.(.+)$",
-         lambda m, t: f"neck.lateral_convs.{m[1]}.{_PART[m[2]]}.{m[3]}"),
-        (r"^neck\.fpn_convs\.(\d+)\.(conv|bn|gn)\.(.+)$", fpn),
+        (r"^neck\.((?:\d+\.)?)lateral_convs\.(\d+)\.(conv|bn|gn)\.(.+)$",
+         lambda m, t: f"neck.{m[1]}lateral_convs.{m[2]}.{_PART[m[3]]}.{m[4]}"),
+        (r"^neck\.((?:\d+\.)?)fpn_convs\.(\d+)\.(conv|bn|gn)\.(.+)$", fpn),
+        (rf"^{_BFP_REFINE}\.conv\.(weight|bias)$", lambda m, t: f"neck.{m[1]}.refine.{m[2] or 0}.{m[3]}"),
         (r"^rpn_head\.rpn_conv\.(\d+)\.conv\.(.+)$",
          lambda m, t: tower("rpn_head.rpn_conv", int(m[1]), "conv", m[2], t)),
-        (r"^roi_head\.bbox_head\.shared_fcs\.(\d+)\.(.+)$",
-         lambda m, t: f"roi_head.bbox_head.shared_fcs.{2 * int(m[1])}.{m[2]}"),
+        (r"^roi_head\.bbox_head\.((?:\d+\.)?)shared_fcs\.(\d+)\.(.+)$",
+         lambda m, t: f"roi_head.bbox_head.{m[1]}shared_fcs.{2 * int(m[2])}.{m[3]}"),
+        (rf"^{_CONV_RELU}\.conv\.(.+)$", lambda m, t: f"roi_head.{m[1]}.0.{m[2]}"),
         (rf"^{_TOWERS}\.(\d+)\.(conv|bn|gn)\.(.+)$", lambda m, t: tower(m[1], int(m[2]), m[3], m[4], t)),
     ]
 
@@ -177,6 +203,8 @@ def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
 def _num_classes(model: nn.Module) -> int | None:
     """The classes a raydet detector predicts; None for an RPN (class-agnostic proposals)."""
     head = getattr(getattr(model, "roi_head", None), "bbox_head", None) or getattr(model, "bbox_head", None)
+    if isinstance(head, nn.ModuleList):  # a cascade's per-stage box heads
+        head = head[-1]
     return getattr(head, "num_classes", None) if head is not None else None
 
 
@@ -269,7 +297,6 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
     """
     if mmdet_version not in (2, 3):
         raise ConversionError(f"mmdet_version must be 2 or 3, got {mmdet_version}")
-    laterals = _num_laterals(state, "neck.lateral_convs")
     rpn_as_bbox_head = _rpn_only(state) and mmdet_version == 3
 
     def part(prefix: str, index: int, stride: int) -> str:
@@ -277,6 +304,11 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
         if index % stride == 0:
             return "conv"
         return "bn" if f"{prefix}.{index}.running_mean" in state else "gn"
+
+    def extra(m) -> str:
+        """An FPN extra level (of the neck, or of the j-th of a neck list: m[1] = "j.") -> its fpn_convs index."""
+        level = _num_laterals(state, f"neck.{m[1]}lateral_convs") + int(m[2])
+        return f"neck.{m[1]}fpn_convs.{level}.{part(f'neck.{m[1]}extra_convs.{m[2]}', int(m[3]), 2)}.{m[4]}"
 
     def tower(m) -> str:
         prefix, index = m[1], int(m[2])
@@ -286,13 +318,16 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
     rules: list[tuple[str, Callable]] = [
         (_SAME.pattern, lambda m: m[0]),
         (_SSD_HEAD.pattern, lambda m: m[0]),  # before the towers: SSD's cls_convs.<level>.0
-        (r"^neck\.(lateral_convs|fpn_convs)\.(\d+)\.(\d+)\.(.+)$",
-         lambda m: f"neck.{m[1]}.{m[2]}.{part(f'neck.{m[1]}.{m[2]}', int(m[3]), 2)}.{m[4]}"),
-        (r"^neck\.extra_convs\.(\d+)\.(\d+)\.(.+)$",
-         lambda m: f"neck.fpn_convs.{laterals + int(m[1])}.{part(f'neck.extra_convs.{m[1]}', int(m[2]), 2)}.{m[3]}"),
+        (r"^neck\.((?:\d+\.)?)(lateral_convs|fpn_convs)\.(\d+)\.(\d+)\.(.+)$",
+         lambda m: f"neck.{m[1]}{m[2]}.{m[3]}.{part(f'neck.{m[1]}{m[2]}.{m[3]}', int(m[4]), 2)}.{m[5]}"),
+        (r"^neck\.((?:\d+\.)?)extra_convs\.(\d+)\.(\d+)\.(.+)$", extra),
+        (r"^neck\.(\d+)\.refine\.(g|theta|phi|conv_out)\.(weight|bias)$",
+         lambda m: f"neck.{m[1]}.refine.{m[2]}.conv.{m[3]}"),
+        (r"^neck\.(\d+)\.refine\.0\.(weight|bias)$", lambda m: f"neck.{m[1]}.refine.conv.{m[2]}"),
         (r"^rpn_head\.rpn_conv\.(\d+)\.(weight|bias)$", lambda m: f"rpn_head.rpn_conv.{int(m[1]) // 2}.conv.{m[2]}"),
-        (r"^roi_head\.bbox_head\.shared_fcs\.(\d+)\.(.+)$",
-         lambda m: f"roi_head.bbox_head.shared_fcs.{int(m[1]) // 2}.{m[2]}"),
+        (r"^roi_head\.bbox_head\.((?:\d+\.)?)shared_fcs\.(\d+)\.(.+)$",
+         lambda m: f"roi_head.bbox_head.{m[1]}shared_fcs.{int(m[2]) // 2}.{m[3]}"),
+        (rf"^{_CONV_RELU}\.0\.(.+)$", lambda m: f"roi_head.{m[1]}.conv.{m[2]}"),
         (rf"^{_TOWERS}\.(\d+)\.(.+)$", tower),
     ]
     compiled = [(re.compile(p), f) for p, f in rules]

@@ -15,6 +15,15 @@ from raydet.models.backbones import ssd_vgg  # noqa: F401
 from raydet.models.necks import ssd_neck  # noqa: F401
 from raydet.models.dense_heads import ssd_head  # noqa: F401
 from raydet.models.detectors import ssd  # noqa: F401
+from raydet.models.detectors import fast_rcnn  # noqa: F401
+from raydet.models.roi_heads import cascade_roi_head  # noqa: F401
+from raydet.models.detectors import cascade_rcnn  # noqa: F401
+from raydet.models.roi_heads import htc_roi_head  # noqa: F401
+from raydet.models.detectors import htc  # noqa: F401
+from raydet.models.roi_heads import double_roi_head, grid_roi_head  # noqa: F401
+from raydet.models.detectors import grid_rcnn  # noqa: F401
+from raydet.models.roi_heads import mask_scoring_roi_head, rfcn_roi_head  # noqa: F401
+from raydet.models.detectors import mask_scoring_rcnn, rfcn  # noqa: F401
 import raydet.ops  # noqa: F401  (registers the deformable conv modules)
 
 

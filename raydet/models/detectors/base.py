@@ -37,10 +37,14 @@ class BaseDetector(nn.Module, ABC):
     The batch format is documented in ``raydet.structures``.
     """
 
-    def __init__(self, backbone: nn.Module, neck: nn.Module | None = None):
+    def __init__(self, backbone: nn.Module, neck: nn.Module | list[nn.Module] | None = None):
         super().__init__()
         owner = type(self).__name__
         require_component(owner, "backbone", backbone, ("forward",), "a backbone (e.g. {type: ResNet, depth: 50})")
+        if isinstance(neck, (list, tuple)):  # necks applied in turn (MMDetection's neck list, e.g. [FPN, BFP])
+            for i, part in enumerate(neck):
+                require_component(owner, f"neck[{i}]", part, ("forward",), "a neck module (e.g. {type: FPN, ...})")
+            neck = nn.Sequential(*neck)
         if neck is not None:
             require_component(owner, "neck", neck, ("forward",), "a neck module (e.g. {type: FPN, ...}) or null")
         self.backbone = backbone

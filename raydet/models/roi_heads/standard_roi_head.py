@@ -7,6 +7,7 @@ from torch import nn
 from raydet.models.head_configs import DetectionConfig
 from raydet.models.postprocess import boxes_to_original, paste_masks
 from raydet.models.roi_heads.roi_extractors import boxes_to_rois
+from raydet.models.task_modules.samplers import SamplingContext
 from raydet.registry import register
 
 __all__ = ["StandardRoIHead"]
@@ -41,8 +42,13 @@ class StandardRoIHead(nn.Module):
     def with_mask(self) -> bool:
         return self.mask_head is not None
 
-    def sample(self, proposals: list[torch.Tensor], batch: dict):
-        """Assign and sample each image's proposals; returns one SamplingResult per image."""
+    def sample(self, proposals: list[torch.Tensor], batch: dict, feats=None):
+        """Assign and sample each image's proposals; returns one SamplingResult per image.
+
+        With ``feats`` (the batch's pyramid maps), each image's sampler call gets ``context=``
+        :class:`~raydet.models.task_modules.samplers.SamplingContext` (that image's maps, ``bbox_forward``, the box
+        head), which a loss-ranking sampler (``OHEMSampler``) needs and other samplers ignore.
+        """
         results = []
         ignores = batch.get("gt_boxes_ignore") or [None] * len(proposals)
         for i, props in enumerate(proposals):
@@ -51,14 +57,20 @@ class StandardRoIHead(nn.Module):
             ignore = ignores[i]
             ignore = ignore.to(props.device) if ignore is not None and ignore.numel() else None
             assign = self.assigner.assign(props, gt_boxes, gt_labels, ignore)
-            results.append(self.sampler.sample(assign, props, gt_boxes, gt_labels))
+            context = None if feats is None else SamplingContext(tuple(f[i:i + 1] for f in feats), self.bbox_forward,
+                                                                 self.bbox_head)
+            results.append(self.sampler.sample(assign, props, gt_boxes, gt_labels, context=context))
         return results
+
+    def bbox_forward(self, feats, rois: torch.Tensor):
+        """(R, 5) RoIs -> the box head's (cls_score, bbox_pred); a subclass changes how its features are pooled."""
+        return self.bbox_head(self.bbox_roi_extractor(feats, rois))
 
     def loss(self, feats, proposals: list[torch.Tensor], batch: dict) -> dict[str, torch.Tensor]:
         """Box (and mask) losses; proposals are per image (k_i, 4) in input pixels, without gradient."""
-        samples = self.sample(proposals, batch)
+        samples = self.sample(proposals, batch, feats)
         rois = boxes_to_rois([s.boxes for s in samples])
-        cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
+        cls_score, bbox_pred = self.bbox_forward(feats, rois)
         num_classes = self.bbox_head.num_classes
         labels, targets = [], []
         for s in samples:
@@ -87,7 +99,7 @@ class StandardRoIHead(nn.Module):
     def predict(self, feats, proposals: list[torch.Tensor], img_metas: list[dict]) -> list[dict]:
         """Detections per image in original-image pixels (boxes, scores, labels, and masks with a mask head)."""
         rois = boxes_to_rois(proposals)
-        cls_score, bbox_pred = self.bbox_head(self.bbox_roi_extractor(feats, rois))
+        cls_score, bbox_pred = self.bbox_forward(feats, rois)
         counts = [p.shape[0] for p in proposals]
         results, det_boxes_input = [], []
         for meta, r, c, b in zip(img_metas, rois.split(counts), cls_score.split(counts), bbox_pred.split(counts)):
@@ -103,6 +115,11 @@ class StandardRoIHead(nn.Module):
         rois = boxes_to_rois(det_boxes)
         labels = torch.cat([r["labels"] for r in results])
         probs = self.mask_head.probabilities(self.mask_head(self.mask_roi_extractor(feats, rois)), labels)
+        self.paste_mask_probabilities(probs, det_boxes, results, img_metas)
+
+    def paste_mask_probabilities(self, probs: torch.Tensor, det_boxes: list[torch.Tensor], results: list[dict],
+                                 img_metas: list[dict]):
+        """(sum m_i, M, M) mask probabilities of the detections -> ``masks`` of each result (see predict_masks)."""
         for meta, res, p in zip(img_metas, results, probs.split([b.shape[0] for b in det_boxes])):
             if meta.get("flip", False):
                 p = p.flip(-1)

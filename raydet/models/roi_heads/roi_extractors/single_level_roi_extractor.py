@@ -9,13 +9,21 @@ from torch import nn
 from raydet.ops import roi_align, roi_pool
 from raydet.registry import register
 
-__all__ = ["SingleRoIExtractor", "map_roi_levels", "boxes_to_rois"]
+__all__ = ["SingleRoIExtractor", "map_roi_levels", "boxes_to_rois", "rescale_rois"]
 
 
 def boxes_to_rois(boxes_per_image: list[torch.Tensor]) -> torch.Tensor:
     """Per-image (k_i, >=4) boxes -> (sum k_i, 5) rois [image_index, x1, y1, x2, y2]."""
     rois = [torch.cat([b.new_full((b.shape[0], 1), i), b[:, :4]], dim=1) for i, b in enumerate(boxes_per_image)]
     return torch.cat(rois) if rois else torch.zeros((0, 5))
+
+
+def rescale_rois(rois: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    """(R, 5) rois [index, x1, y1, x2, y2] -> the same rois with width and height times ``scale_factor``, about
+    their centres (MMDetection's ``BaseRoIExtractor.roi_rescale``; Double-Head R-CNN's enlarged regression RoIs)."""
+    centre = (rois[:, 1:3] + rois[:, 3:5]) * 0.5
+    half = (rois[:, 3:5] - rois[:, 1:3]) * (0.5 * scale_factor)
+    return torch.cat([rois[:, :1], centre - half, centre + half], dim=1)
 
 
 def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56.0, mapping: str = "mmdetection",
@@ -79,15 +87,23 @@ class SingleRoIExtractor(nn.Module):
             return roi_pool(feat, rois, self.output_size, 1.0 / stride)
         return roi_align(feat, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
 
-    def forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor) -> torch.Tensor:
-        """feats: per-level (B, C, H, W); rois: (K, 5) in input pixels -> (K, C, output_size, output_size)."""
+    def forward(self, feats: tuple[torch.Tensor, ...], rois: torch.Tensor,
+                roi_scale_factor: float | None = None) -> torch.Tensor:
+        """feats: per-level (B, C, H, W); rois: (K, 5) in input pixels -> (K, C, output_size, output_size).
+
+        ``roi_scale_factor``: pool each RoI enlarged by this factor about its centre (:func:`rescale_rois`), on the
+        level its original size maps to (as MMDetection).
+        """
         feats = feats[: self.num_inputs]
         c = feats[0].shape[1]
         out = feats[0].new_zeros((rois.shape[0], c, self.output_size, self.output_size))
         if len(feats) == 1:
+            rois = rois if roi_scale_factor is None else rescale_rois(rois, roi_scale_factor)
             return self.pool(feats[0], rois, self.featmap_strides[0])
         levels = map_roi_levels(rois, len(feats), self.finest_scale, self.level_mapping,
                                 round(math.log2(self.featmap_strides[0])))
+        if roi_scale_factor is not None:
+            rois = rescale_rois(rois, roi_scale_factor)
         unused = None
         for level, (feat, stride) in enumerate(zip(feats, self.featmap_strides)):
             idx = torch.nonzero(levels == level, as_tuple=True)[0]

@@ -19,7 +19,8 @@ class PseudoSampler:
         pass
 
     def sample(self, assign_result: AssignResult, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor | None = None,
-               generator: torch.Generator | None = None) -> SamplingResult:
+               generator: torch.Generator | None = None, context=None) -> SamplingResult:
+        """``context`` (an RoI head's ``SamplingContext``, for loss-ranking samplers) is not used."""
         boxes = boxes[:, :4]
         pos_inds = torch.nonzero(assign_result.gt_inds > 0).flatten()
         neg_inds = torch.nonzero(assign_result.gt_inds == 0).flatten()

@@ -42,8 +42,11 @@ class RandomSampler:
         self.add_gt_as_proposals = add_gt_as_proposals
 
     def sample(self, assign_result: AssignResult, boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor | None = None,
-               generator: torch.Generator | None = None) -> SamplingResult:
-        """Sample from N candidate boxes (N, 4) assigned to K gts (K, 4) with labels (K,)."""
+               generator: torch.Generator | None = None, context=None) -> SamplingResult:
+        """Sample from N candidate boxes (N, 4) assigned to K gts (K, 4) with labels (K,).
+
+        ``context`` (an RoI head's ``SamplingContext``, for loss-ranking samplers) is not used.
+        """
         boxes = boxes[:, :4]
         gt_flags = torch.zeros(boxes.shape[0], dtype=torch.uint8, device=boxes.device)
         if self.add_gt_as_proposals and gt_boxes.shape[0] > 0:
