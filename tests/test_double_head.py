@@ -96,7 +96,7 @@ def test_double_head_overfits_a_few_images(shapes):  # noqa: F811
     model = build_from_pipeline("dh_faster_rcnn_r50_fpn_1x_coco.yaml", TINY + TINY_RPN + TINY_ROI + TINY_DH)
     assert type(model.roi_head).__name__ == "DoubleHeadRoIHead" and model.roi_head.reg_roi_scale_factor == 1.3
     batch = collate_samples(samples)
-    first, last = _train(model, batch, 60)
+    first, last = _train(model, batch, 40)  # AP50 0.955, 1.0, 0.945 for seeds 0, 1, 2
     assert sum(last.values()) < 0.5 * sum(first.values())
     metrics = _ap(model, batch, records)
     assert metrics["bbox/AP50"] > 0.9, metrics

@@ -154,7 +154,7 @@ def trained():
     torch.manual_seed(0)
     model = build_from_pipeline(PIPELINE, TINY + TINY_RPN + TINY_ROI + TINY_MASK + TINY_MS)
     batch = collate_samples(samples, with_masks=True)
-    first, last = _train(model, batch, 60)
+    first, last = _train(model, batch, 40)  # box / mask AP50 1.0 for seeds 0, 1, 2
     with torch.no_grad():
         preds = model(batch, mode="predict")
     return [r for _, r in samples], preds, first, last
