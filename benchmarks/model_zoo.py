@@ -11,6 +11,9 @@ Beside each row: MMDetection's published inference speed of the same config (its
 (ms/im)``, measured on a V100 at 800 x 1333 (SSD: 300 / 512), FP32, batch 1) as a reference for GPU runs; it is not
 comparable with a CPU row.
 
+A training row marked "(skipped)" timed steps whose loss was not finite (the optimizer step skipped): with random
+weights a model can diverge in its first steps, so that row does not measure a real step.
+
 Writes ``--out`` (default ``benchmarks/results/model_zoo_<device>.json``): every pipeline's ``raydet benchmark``
 table and the summary rows. Exit status 1 if a pipeline's benchmark failed (the others still run).
 """
@@ -95,6 +98,7 @@ def summary_rows(pipeline: str, record: dict, published_fps: float | None) -> li
             "pipeline": Path(pipeline).stem, "precision": precision, "input": settings["size_hw"],
             "batch": settings["train_batch"], "parameters": settings["parameters"],
             "train_s_per_iter": t.get("s_per_iter"), "train_cpu_s_per_iter": _median(t.get("cpu_times_s")),
+            "train_skipped_steps": t.get("skipped_steps", 0),
             "inference_img_per_s": i.get("images_per_s"), "inference_cpu_s_per_img": _median(i.get("cpu_times_s")),
             "train_peak_mem_mib": t.get("peak_mem_mib"), "inference_peak_mem_mib": i.get("peak_mem_mib"),
             "mmdet_published_fps_v100": published_fps,
@@ -114,7 +118,8 @@ def format_rows(rows: list[dict]) -> str:
             cells.append((r["pipeline"], "failed", r["error"][:60], "", "", "", "", ""))
             continue
         size = "x".join(map(str, r["input"])) if r["input"] else "-"
-        cells.append((r["pipeline"], r["precision"], size, str(r["batch"]), num(r["train_s_per_iter"], ".3f"),
+        train = num(r["train_s_per_iter"], ".3f") + (" (skipped)" if r.get("train_skipped_steps") else "")
+        cells.append((r["pipeline"], r["precision"], size, str(r["batch"]), train,
                       num(r["inference_img_per_s"], ".2f"), num(r["inference_cpu_s_per_img"], ".2f"),
                       num(r["mmdet_published_fps_v100"], ".1f")))
     widths = [max(len(c[k]) for c in cells) for k in range(len(header))]
