@@ -247,17 +247,24 @@ def _spread_retina_scores(model: nn.Module, num_slots: int) -> None:
             bias[:, [0] + UNUSED_IDS] = -12.0
 
 
-def test_retinanet_resnet50_fpn_gives_torchvisions_detections_and_losses():
-    pipeline = ZOO / "retinanet_resnet50_fpn.yaml"
-    tv = _torchvision_model("retinanet_resnet50_fpn")
-    _spread_retina_scores(tv, 91)
+def _check_dense_detections(tv, pipeline: Path, min_count: int) -> list[np.ndarray]:
+    """Convert a 91-slot torchvision dense detector for ``pipeline``; both give the same detections on the three
+    images (returned for the loss check)."""
     model, meta = _convert(tv, pipeline)
     assert meta["cat_ids"] == CLASS_IDS
     images = _images()
     with torch.no_grad():
         tv_out = tv(_tv_images(images))
         rd_out = model(_raydet_batch(tv, images), mode="predict")
-    _assert_same_detections(tv_out, rd_out, meta["cat_ids"], min_count=50)
+    _assert_same_detections(tv_out, rd_out, meta["cat_ids"], min_count=min_count)
+    return images
+
+
+def test_retinanet_resnet50_fpn_gives_torchvisions_detections_and_losses():
+    pipeline = ZOO / "retinanet_resnet50_fpn.yaml"
+    tv = _torchvision_model("retinanet_resnet50_fpn")
+    _spread_retina_scores(tv, 91)
+    images = _check_dense_detections(tv, pipeline, min_count=50)
 
     # Losses: torchvision's 91-slot focal loss also sums its 11 never-target slots, which a model of 80 classes
     # does not have; a torchvision RetinaNet of 80 classes (labels 0..79, no background slot) defines the same loss.
@@ -589,13 +596,7 @@ def test_fcos_resnet50_fpn_gives_torchvisions_detections_and_losses():
     pipeline = ZOO / "fcos_resnet50_fpn.yaml"
     tv = _torchvision_fcos()
     _spread_fcos_scores(tv, 91)
-    model, meta = _convert(tv, pipeline)
-    assert meta["cat_ids"] == CLASS_IDS
-    images = _images()
-    with torch.no_grad():
-        tv_out = tv(_tv_images(images))
-        rd_out = model(_raydet_batch(tv, images), mode="predict")
-    _assert_same_detections(tv_out, rd_out, meta["cat_ids"], min_count=10)
+    images = _check_dense_detections(tv, pipeline, min_count=10)
 
     # losses: as RetinaNet's, a torchvision FCOS of 80 classes (no background slot) defines raydet's focal loss
     tv80 = _torchvision_fcos(num_classes=80)

@@ -104,6 +104,16 @@ class AnchorHead(nn.Module, ABC):
         return sizes, self.anchor_generator.grid_anchors(sizes, device=cls_scores[0].device, input_shape=input_shape)
 
     # ------------------------------------------------------------------------------------------------ training
+    def inside_flags(self, anchors: torch.Tensor, featmap_sizes, meta: dict) -> torch.Tensor:
+        """(N,) bool: the anchors of all levels that one image trains on: valid (inside its own padded shape, or
+        everywhere with ``padding_anchors``) and inside its ``img_shape`` up to ``allowed_border``."""
+        if self.padding_anchors:
+            valid = torch.ones(anchors.shape[0], dtype=torch.bool, device=anchors.device)
+        else:
+            valid = torch.cat(self.anchor_generator.valid_flags(featmap_sizes, meta["pad_shape"],
+                                                                device=anchors.device))
+        return anchor_inside_flags(anchors, valid, meta["img_shape"], self.allowed_border)
+
     def get_targets(self, anchors: torch.Tensor, featmap_sizes, batch: dict, gt_labels: list[torch.Tensor]):
         """Assign and sample anchors of every image.
 
@@ -121,11 +131,7 @@ class AnchorHead(nn.Module, ABC):
         num_pos = num_neg = 0
         ignores = batch.get("gt_boxes_ignore") or [None] * len(gt_labels)
         for i, meta in enumerate(batch["img_metas"]):
-            if self.padding_anchors:
-                valid = torch.ones(n, dtype=torch.bool, device=device)
-            else:
-                valid = torch.cat(self.anchor_generator.valid_flags(featmap_sizes, meta["pad_shape"], device=device))
-            inside = anchor_inside_flags(anchors, valid, meta["img_shape"], self.allowed_border)
+            inside = self.inside_flags(anchors, featmap_sizes, meta)
             cand = anchors[inside]
             gt_boxes = batch["gt_boxes"][i].to(device)
             ignore = ignores[i]

@@ -21,7 +21,6 @@ from torch import nn
 from raydet.models.dense_heads.anchor_head import flatten_levels
 from raydet.models.dense_heads.retina_head import RetinaHead
 from raydet.models.head_configs import DetectionConfig
-from raydet.models.task_modules.prior_generators import anchor_inside_flags
 from raydet.registry import register
 
 __all__ = ["FSAFHead", "FSAFTargets", "select_levels"]
@@ -111,11 +110,7 @@ class FSAFHead(RetinaHead):
         num_gts = num_neg = 0
         ignores = batch.get("gt_boxes_ignore") or [None] * len(gt_labels)
         for i, meta in enumerate(batch["img_metas"]):
-            if self.padding_anchors:
-                valid = torch.ones(n, dtype=torch.bool, device=device)
-            else:
-                valid = torch.cat(self.anchor_generator.valid_flags(featmap_sizes, meta["pad_shape"], device=device))
-            inside = anchor_inside_flags(anchors, valid, meta["img_shape"], self.allowed_border)
+            inside = self.inside_flags(anchors, featmap_sizes, meta)
             cand = anchors[inside]
             gt_boxes = batch["gt_boxes"][i].to(device)
             labels_i = gt_labels[i].to(device)
