@@ -25,8 +25,9 @@ each, steadier on a shared machine).
 
 Inputs of the train and inference modes: random uint8 images of ``--size H W`` (default: the short and long side
 of the pipeline's test ``Resize`` scale; on the CPU each side capped at 320) with ``--gt-per-image`` random boxes
-(and box-shaped masks for Mask R-CNN) of random classes, normalised and padded before timing. So the train and
-inference numbers need no dataset; ``--skip data`` benchmarks a pipeline whose dataset is not on this machine.
+(and box-shaped masks for Mask R-CNN; random semantic maps for a semantic branch, HTC's) of random classes,
+normalised and padded before timing. So the train and inference numbers need no dataset; ``--skip data`` benchmarks
+a pipeline whose dataset is not on this machine.
 
 Weights: ``--checkpoint`` (a file or a Ray checkpoint folder) is loaded before timing; without it the model is
 randomly initialised, which the output says: with random weights few boxes pass the test score threshold, so
@@ -187,9 +188,11 @@ def random_boxes(rng: np.random.Generator, n: int, h: int, w: int) -> np.ndarray
 
 
 def synthetic_batch(n: int, size: tuple[int, int], num_classes: int, gt_per_image: int, with_masks: bool,
-                    rng: np.random.Generator, device: torch.device, num_proposals: int = 0) -> dict:
+                    rng: np.random.Generator, device: torch.device, num_proposals: int = 0,
+                    seg_classes: int = 0) -> dict:
     """A model batch of ``n`` random images of ``size`` (H, W) with random boxes, labels (and box-shaped polygon
-    masks; ``num_proposals`` random precomputed proposals per image for a detector that reads them, Fast R-CNN),
+    masks; ``num_proposals`` random precomputed proposals per image for a detector that reads them, Fast R-CNN;
+    ``seg_classes``: random (H, W) semantic maps of ids below it, ``gt_semantic_seg``, for a semantic branch),
     normalised and padded to a multiple of 32, on ``device``."""
     from raydet.data.collate import collate_samples
 
@@ -204,6 +207,8 @@ def synthetic_batch(n: int, size: tuple[int, int], num_classes: int, gt_per_imag
             record["masks"] = [[[x1, y1, x2, y1, x2, y2, x1, y2]] for x1, y1, x2, y2 in boxes.tolist()]
         if num_proposals:
             record["proposals"] = random_boxes(rng, num_proposals, h, w)
+        if seg_classes:
+            record["seg_map"] = rng.integers(0, min(seg_classes, 256), size=(h, w), dtype=np.uint8)
         samples.append((image, record))
     return move_batch(collate_samples(samples, with_masks=with_masks), device)
 
@@ -470,6 +475,8 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
     with_masks = bool(getattr(getattr(model, "roi_head", None), "with_mask", False))
     # a detector on precomputed proposals (Fast R-CNN): 1000 per image, what an RPN's test settings keep
     num_proposals = 1000 if getattr(model, "requires_proposals", False) else 0
+    # a semantic branch (HTC's) trains on semantic maps: random ids of its classes
+    seg_classes = int(getattr(getattr(getattr(model, "roi_head", None), "semantic_head", None), "num_classes", 0) or 0)
     rng = np.random.default_rng(sections.seed)
     record = {
         "environment": environment(device),
@@ -499,7 +506,7 @@ def run(args: argparse.Namespace) -> tuple[dict, str]:
 
     if "train" not in skip:
         batch = synthetic_batch(batch_size, size, num_classes, args.gt_per_image, with_masks, rng, device,
-                                num_proposals)
+                                num_proposals, seg_classes)
         results["train"] = {}
         for p in precisions:
             results["train"][p["name"]] = r = bench_train(model, initial_state, optimizer_cfg, batch, p, args.iters,

@@ -25,8 +25,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 __all__ = [
-    "valid_polygons", "polygons_to_rle", "to_rle", "polygons_to_bitmap", "rle_to_bitmap", "instance_masks_to_bitmaps",
-    "bitmap_to_rle", "mask_area", "bitmap_to_box",
+    "valid_polygons", "valid_polygons_many", "polygons_to_rle", "to_rle", "polygons_to_bitmap", "rle_to_bitmap",
+    "instance_masks_to_bitmaps", "bitmap_to_rle", "mask_area", "bitmap_to_box",
 ]
 
 
@@ -80,6 +80,82 @@ def valid_polygons(polygons: Any) -> list[list[float]]:
         if p.size >= 6 and _has_area(p):
             out.append(p.tolist())
     return out
+
+
+def valid_polygons_many(instances: list) -> list:
+    """:func:`valid_polygons` of many instance masks at once (a dataset's annotations): for each instance its valid
+    polygons, or the ValueError that :func:`valid_polygons` raises for it, with the same values and messages.
+
+    The common case, lists of flat lists of JSON numbers, is checked with NumPy over all coordinates together (no
+    per-polygon NumPy calls: a COCO train2017-sized file has 860,000 instances); any other instance (not a list, an
+    element that is not a list, a number that is not a Python float or int) goes through :func:`valid_polygons`.
+    """
+    import itertools
+
+    results: list = [None] * len(instances)
+    fast = [k for k, polys in enumerate(instances)
+            if type(polys) is list and all(type(p) is list for p in polys)]
+    polys = [p for k in fast for p in instances[k]]
+    types = set(map(type, itertools.chain.from_iterable(polys)))
+    if not types <= {float, int}:  # bool, str, None, ...: the per-instance rule says which polygon and why
+        fast = []
+    slow = sorted(set(range(len(instances))) - set(fast))
+    for k in slow:
+        try:
+            results[k] = valid_polygons(instances[k])
+        except ValueError as exc:
+            results[k] = exc
+    if not fast:
+        return results
+    sizes = np.fromiter(map(len, polys), np.int64, len(polys))
+    flat = np.fromiter(itertools.chain.from_iterable(polys), np.float64, int(sizes.sum()))
+    per_instance = np.fromiter((len(instances[k]) for k in fast), np.int64, len(fast))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    owner = np.repeat(np.arange(len(polys)), sizes)
+    finite_el = np.isfinite(flat)
+    bad_count = np.bincount(owner[~finite_el], minlength=len(polys))
+    broken = (sizes % 2 == 1) | (bad_count > 0)  # valid_polygons raises for these
+    # _has_area over the polygons of 3 or more points, each polygon's points relative to its first point
+    big = ~broken & (sizes >= 6)
+    has_area = np.zeros(len(polys), bool)
+    if big.any():
+        sub = flat[np.repeat(big, sizes)]
+        sub_sizes = sizes[big]
+        sub_starts = np.concatenate([[0], np.cumsum(sub_sizes)[:-1]])
+        sub_owner = np.repeat(np.arange(len(sub_sizes)), sub_sizes // 2)
+        x = sub[0::2] - np.repeat(sub[sub_starts], sub_sizes // 2)
+        y = sub[1::2] - np.repeat(sub[sub_starts + 1], sub_sizes // 2)
+        sq = x * x + y * y
+        point_starts = sub_starts // 2
+        sq_max = np.maximum.reduceat(sq, point_starts)
+        at_max = np.flatnonzero(sq == sq_max[sub_owner])  # ascending: the first one of each polygon is argmax
+        _, first = np.unique(sub_owner[at_max], return_index=True)
+        far = at_max[first]
+        cross = x * np.repeat(y[far], sub_sizes // 2) - y * np.repeat(x[far], sub_sizes // 2)
+        cross_max = np.maximum.reduceat(np.abs(cross), point_starts)
+        has_area[big] = (sq_max != 0) & (cross_max > _COLLINEAR_RTOL * sq_max)
+    int_coords = int in types  # results hold floats: integer coordinates are converted
+    instance_of = np.repeat(np.arange(len(fast)), per_instance)
+    broken_instances = np.bincount(instance_of[broken], minlength=len(fast)) > 0
+    whole = ~broken_instances & (np.bincount(instance_of[~has_area], minlength=len(fast)) == 0) & (per_instance > 0)
+    j = 0
+    for n_k, k, bad, all_kept in zip(per_instance.tolist(), fast, broken_instances.tolist(),
+                                     (whole & (not int_coords)).tolist()):
+        if all_kept:  # every polygon valid, every coordinate a float: the instance's own lists
+            results[k] = list(instances[k])
+        elif n_k == 0:
+            results[k] = []
+        elif bad:
+            try:
+                results[k] = valid_polygons(instances[k])
+            except ValueError as exc:
+                results[k] = exc
+        else:
+            keep = has_area[j:j + n_k].tolist()
+            results[k] = [(flat[starts[j + i]:starts[j + i] + sizes[j + i]].tolist() if int_coords else p)
+                          for i, (p, kept) in enumerate(zip(instances[k], keep)) if kept]
+        j += n_k
+    return results
 
 
 def polygons_to_rle(polygons: list, height: int, width: int) -> dict:

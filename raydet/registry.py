@@ -1,8 +1,9 @@
 """A flat, explicit registry that builds objects from config dicts.
 
 ``{"type": "ResNet", "depth": 50}`` builds ``ResNet(depth=50)``. Nested dicts that carry a ``type`` are built
-first (bottom-up), so a parent receives ready objects; arguments whose name ends in ``_cfg`` stay dicts (the
-parent builds them itself, e.g. one norm layer per channel count). A dict passed to an argument annotated with a
+first (bottom-up), so a parent receives ready objects; arguments whose name ends in ``_cfg``, or that the class
+lists in its ``config_args`` attribute, stay dicts (the parent builds them itself, e.g. one norm layer per channel
+count, one RoI layer per pyramid level). A dict passed to an argument annotated with a
 dataclass becomes that dataclass, with its keys checked.
 
 Every mistake is reported at build time with the pipeline file, the dotted key path and the closest valid names::
@@ -225,7 +226,7 @@ def build(cfg: Any, path: str | None = None, **default_args):
         if dc is not None and isinstance(value, dict):
             built[key] = build_dataclass(dc, value, sub)
             continue
-        value = _build_nested(value, sub, skip=key.endswith("_cfg"))
+        value = _build_nested(value, sub, skip=_kept_as_dict(factory, key))
         if not _is_built(value) and not _matches(value, hint):
             raise error(sub, f"{type_name} expects {_describe(hint)}, got {value!r}")
         built[key] = value
@@ -276,21 +277,26 @@ def check(cfg: Any, path: str | None = None, **default_args) -> None:
     if cfg is None or not isinstance(cfg, dict):
         return
     path = current_path() if path is None else path
-    type_name, _, kwargs, hints = _arguments(cfg, path, default_args)
+    type_name, factory, kwargs, hints = _arguments(cfg, path, default_args)
     for key, value in kwargs.items():
         sub = _join(path, key)
         hint = hints.get(key, Any)
         dc = _dataclass_of(hint)
         if dc is not None and isinstance(value, dict):
             build_dataclass(dc, value, sub)
-        elif isinstance(value, dict) and "type" in value and not key.endswith("_cfg"):
+        elif isinstance(value, dict) and "type" in value and not _kept_as_dict(factory, key):
             check(value, sub)
         elif isinstance(value, list) and any(isinstance(v, dict) and "type" in v for v in value) \
-                and not key.endswith("_cfg"):
+                and not _kept_as_dict(factory, key):
             for i, v in enumerate(value):
                 check(v, _join(sub, i))
         elif not _is_built(value) and not _matches(value, hint):
             raise error(sub, f"{type_name} expects {_describe(hint)}, got {value!r}")
+
+
+def _kept_as_dict(factory, key: str) -> bool:
+    """Whether argument ``key`` of ``factory`` is passed on as a config dict for the factory to build."""
+    return key.endswith("_cfg") or key in getattr(factory, "config_args", ())
 
 
 def _is_built(value) -> bool:

@@ -34,6 +34,7 @@ from raydet.commands.validation import validate_pipeline
 from raydet.config import Config, load_config
 from raydet import fileio
 from raydet.engine.checkpoint import load_checkpoint
+from raydet.engine.dist import all_gather_object
 from raydet.engine.hooks import CHECKPOINT_SCORE, EpochGateHook, LoggerHook, WorkDirSyncHook
 from raydet.errors import keep_traceback, report_failure, wrapped_errors
 from raydet.registry import ConfigError
@@ -109,6 +110,11 @@ def train_loop_per_worker(config: dict) -> dict:
             with open(folder.path("log.jsonl"), "a") as f:
                 f.write(json.dumps({"mode": "resume", "epoch": runner.epoch, "iter": runner.iter,
                                     "checkpoint": _storage_uri(config["run_dir"], str(source))}) + "\n")
+    # every rank's node, for the log's record of this worker group (a collective: every rank calls it)
+    nodes = all_gather_object(ray.get_runtime_context().get_node_id())
+    if rank == 0:
+        _log_worker_group(runner, folder.path("log.jsonl"), sections, nodes,
+                          state.get("world_size") if source is not None else None)
     finished = False
     try:
         runner.run()
@@ -122,6 +128,39 @@ def train_loop_per_worker(config: dict) -> dict:
                     raise
                 log.warning("could not copy the run's files to %s: %s", folder.target, exc)
     return {"metrics": runner.metrics, "epoch": runner.epoch, "iter": runner.iter}
+
+
+def _log_worker_group(runner, log_file: str, sections, nodes: list, checkpoint_world: int | None) -> None:
+    """Rank 0, when a worker group starts: a ``workers`` record in the run log (world size, each rank's node id,
+    the epochs and iterations done, the base LR and accumulation of this world size); and a ``resize`` record
+    (``old_world``, ``new_world``, the same numbers) with a console line when the world size differs from the
+    previous worker group's in this run folder (the log's latest ``workers`` record), or else from the checkpoint
+    it continues. See :mod:`raydet.engine.elastic` for what a world size does to the batch and the LR."""
+    import json
+
+    from raydet.engine.hooks import LrSchedulerHook, OptimizerHook
+
+    old = None
+    if os.path.exists(log_file):
+        with open(log_file) as f:
+            for line in f:
+                if '"mode": "workers"' in line:
+                    old = json.loads(line).get("world")
+    old = old if old is not None else checkpoint_world
+    world = len(nodes)
+    accumulation = runner.get_hook(OptimizerHook).accumulation
+    plan = {"epoch": runner.epoch, "iter": runner.iter, "on_resize": sections.scaling.on_resize,
+            "lr": runner.get_hook(LrSchedulerHook).base_lr, "accumulation": accumulation,
+            "global_batch": sections.data.images_per_worker * world * accumulation}
+    records = [{"mode": "workers", "world": world, "nodes": nodes, **plan}]
+    if old is not None and old != world:
+        records.insert(0, {"mode": "resize", "old_world": old, "new_world": world, **plan})
+        log.info("resized from %d to %d workers after epoch %d (iteration %d): on_resize %s: lr %.4g, accumulation "
+                 "%d, global batch %d", old, world, runner.epoch, runner.iter, plan["on_resize"], plan["lr"],
+                 accumulation, plan["global_batch"])
+    with open(log_file, "a") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
 
 
 def _storage_uri(run_dir: str, path: str) -> str:

@@ -551,15 +551,16 @@ def _concurrency(space: Space, base: Config) -> int:
     from raydet.commands.sections import parse_sections
 
     sc = parse_sections(base).scaling
-    cpus = space.driver_cpus + sc.num_workers * sc.cpus_per_worker
+    n = sc.max_workers  # an elastic trial holds up to max_workers
+    cpus = space.driver_cpus + n * sc.cpus_per_worker
     if not sc.data_resources:
-        cpus += sc.num_workers * sc.data_actors[0] * sc.data_cpus_per_actor
-    gpus = sc.num_workers * sc.gpus_per_worker if sc.use_gpu else 0.0
+        cpus += n * sc.data_actors[0] * sc.data_cpus_per_actor
+    gpus = n * sc.gpus_per_worker if sc.use_gpu else 0.0
     total = ray.cluster_resources()
     fits = math.floor(total.get("CPU", 0.0) / cpus + 1e-9) if cpus > 0 else 10**6
     if gpus > 0:
         fits = min(fits, math.floor(total.get("GPU", 0.0) / gpus + 1e-9))
-    need = (f"a trial needs {cpus:g} CPUs (driver {space.driver_cpus:g} + {sc.num_workers} workers x "
+    need = (f"a trial needs {cpus:g} CPUs (driver {space.driver_cpus:g} + {n} workers x "
             f"{sc.cpus_per_worker:g} + decode actors)" + (f" and {gpus:g} GPUs" if gpus else "") +
             f"; the cluster has {total.get('CPU', 0.0):g} CPUs and {total.get('GPU', 0.0):g} GPUs")
     wanted = space.max_concurrent_trials

@@ -322,7 +322,7 @@ def latest_checkpoint(folder: str | os.PathLike) -> CheckpointRecord | None:
 # Pipeline keys whose change makes a resumed run a different run: the model, the optimisation schedule, and what
 # sets the batch, the LR scaling and the data order.
 SCHEDULE_KEYS = ("model", "optimizer", "lr_schedule", "train.max_epochs", "train.amp", "seed",
-                 "data.images_per_worker", "scaling.num_workers", "num_classes")
+                 "data.images_per_worker", "scaling.num_workers", "scaling.on_resize", "num_classes")
 
 
 def schedule_differences(old: dict, new: dict) -> list[str]:

@@ -16,7 +16,7 @@ from raydet.engine.hooks import Hook, Priority
 from raydet.models.necks.fpn import FPN
 from raydet.registry import REGISTRY, register
 
-__all__ = ["PauseOnceAfterIteration", "FailOnceAtIteration", "ZeroDivisionFPN"]
+__all__ = ["PauseOnceAfterIteration", "FailOnceAtIteration", "ZeroDivisionFPN", "RendezvousAfterIteration"]
 
 
 class PauseOnceAfterIteration(Hook):
@@ -91,3 +91,27 @@ class ZeroDivisionFPN(FPN):
 
 if "ZeroDivisionFPN" not in REGISTRY:
     register(ZeroDivisionFPN)
+
+
+class RendezvousAfterIteration(Hook):
+    """On rank 0, after global iteration ``iteration`` (1-based): write ``<folder>/<pid>`` and wait until
+    ``parties`` such files exist (or ``timeout_s`` passes, a leak guard): runs that take it (e.g. the trials of a
+    study) are all running at once at that point."""
+
+    priority = Priority.LOWEST
+
+    def __init__(self, folder: str, parties: int, iteration: int = 1, timeout_s: float = 600.0):
+        self.folder, self.parties, self.iteration, self.timeout_s = folder, int(parties), int(iteration), timeout_s
+
+    def after_train_iter(self, runner):
+        if runner.rank != 0 or runner.iter + 1 != self.iteration:
+            return
+        os.makedirs(self.folder, exist_ok=True)
+        open(os.path.join(self.folder, str(os.getpid())), "w").close()
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline and len(os.listdir(self.folder)) < self.parties:
+            time.sleep(0.05)
+
+
+if "RendezvousAfterIteration" not in REGISTRY:
+    register(RendezvousAfterIteration)

@@ -18,7 +18,7 @@ from raydet.config import load_config
 from raydet.data.collate import collate_samples
 from raydet.data.synthetic import make_shapes_dataset
 from raydet.models.roi_heads.cascade_roi_head import refine_boxes, stage_targets
-from test_detectors import TINY, TINY_RPN, _ap, _train
+from test_detectors import TINY, TINY_RPN, _ap, _train, small_shapes  # noqa: F401  (a module fixture)
 
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
 STAGES = range(3)
@@ -278,13 +278,13 @@ def shapes():
 
 
 @pytest.fixture(scope="module")
-def cascade_mask_rcnn(shapes):
+def cascade_mask_rcnn(small_shapes):  # noqa: F811
     """One tiny Cascade Mask R-CNN trained on the images (its box branch is Cascade R-CNN's)."""
-    samples, records = shapes
-    torch.manual_seed(0)
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2: box and mask AP50 1.0
     model = _build("cascade_mask_rcnn_r50_fpn_1x_coco.yaml", TINY_CASCADE + TINY_CASCADE_MASK + TINY_OVERFIT)
     batch = collate_samples(samples, with_masks=True)
-    first, last = _train(model, batch, 30)
+    first, last = _train(model, batch, 30, lr=2e-3, warmup=10, fused=True)
     return model, batch, first, last, _ap(model, batch, records, iou_types=("bbox", "segm"))
 
 
@@ -300,12 +300,26 @@ def test_cascade_mask_rcnn_overfits_masks(cascade_mask_rcnn):
     assert metrics["segm/AP50"] > 0.9, metrics
 
 
-def test_htc_without_semantic_overfits_masks(shapes):
-    samples, records = shapes
+# HTC's semantic branch on the shapes' semantic maps: 4 classes (background 0, each shape's label + 1)
+TINY_SEMANTIC = ["model.roi_head.semantic_head.in_channels=64", "model.roi_head.semantic_head.conv_out_channels=64",
+                 "model.roi_head.semantic_head.num_convs=1", "model.roi_head.semantic_head.num_classes=4"]
+# HTC's overfitting run: 16 RoIs per image and 2-conv mask heads (RoIAlign backward through 12 extractions per
+# iteration, box and mask branches plus their semantic features, dominates the CPU time)
+TINY_HTC_OVERFIT = ["model.roi_head.sampler.num=16"] + [f"model.roi_head.mask_head[{t}].num_convs=2" for t in STAGES]
+
+
+def test_htc_with_semantic_branch_overfits(shapes):
+    """HTC with its semantic branch (covers the branch-free HTC path too) trained on the same images with semantic
+    maps painted from their masks (make_shapes_dataset(with_seg=True): same draws, same images)."""
+    _, records = shapes
+    samples = make_shapes_dataset(4, height=128, width=128, max_objects=3, seed=3, with_seg=True)
     torch.manual_seed(0)
-    model = _build("htc_without_semantic_r50_fpn_1x_coco.yaml", TINY_CASCADE + TINY_CASCADE_MASK + TINY_OVERFIT)
+    model = _build("htc_r50_fpn_1x_coco.yaml",
+                   TINY_CASCADE + TINY_CASCADE_MASK + TINY_OVERFIT + TINY_SEMANTIC + TINY_HTC_OVERFIT)
     batch = collate_samples(samples, with_masks=True)
-    first, last = _train(model, batch, 30)
+    assert batch["gt_semantic_seg"].shape == (4, 128, 128)
+    first, last = _train(model, batch, 30, fused=True)
+    assert last["loss_semantic_seg"] < 0.5 * first["loss_semantic_seg"], (first, last)
     assert all(last[f"loss_mask_s{t}"] < 0.5 * first[f"loss_mask_s{t}"] for t in STAGES)
     metrics = _ap(model, batch, records, iou_types=("bbox", "segm"))
     assert metrics["bbox/AP50"] > 0.9, metrics

@@ -56,9 +56,11 @@ def build_from_pipeline(name: str, overrides=()):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in PIPELINES.glob("*.yaml")))
 def test_every_pipeline_builds_its_model(name):
-    model = build_from_pipeline(name)
+    with torch.device("meta"):  # shapes and types only: no memory, no weight initialisation cost
+        model = build_from_pipeline(name)
     expected = {"faster": "FasterRCNN", "mask": "MaskRCNN", "retinanet": "RetinaNet", "rpn": "RPN",
                 "quickstart.yaml": "FasterRCNN", "fcos": "FCOS", "ssd300": "SSD", "ssd512": "SSD",
+                "scratchdet300": "SSD", "m2det320": "SSD", "m2det512": "SSD",
                 "fsaf": "FSAF", "fast": "FastRCNN", "dh": "FasterRCNN", "grid": "GridRCNN",
                 "cascade": "CascadeRCNN", "htc": "HybridTaskCascade", "ms": "MaskScoringRCNN", "rfcn": "RFCN"}
     # ga_<detector>_...: guided anchors; libra_<detector>_...: Libra R-CNN's balancing on that detector
@@ -77,8 +79,9 @@ def test_every_pipeline_builds_its_model(name):
         assert model.bbox_head.retina_cls.out_channels == anchors * num_classes
     if type(model).__name__ == "FCOS":  # one point per location: C class logits, 4 distances, 1 centre-ness
         assert (model.bbox_head.conv_cls.out_channels, model.bbox_head.conv_reg.out_channels) == (num_classes, 4)
-    if type(model).__name__ == "SSD":  # softmax over the classes and the background, 4 priors on conv4_3
-        assert model.bbox_head.cls_convs[0][0].out_channels == 4 * (num_classes + 1)
+    if type(model).__name__ == "SSD":  # softmax over the classes and the background
+        priors = 6 if name.startswith("m2det") else 4  # 4 on SSD's conv4_3; M2Det: 6 on every scale (its Sec. 4)
+        assert model.bbox_head.cls_convs[0][0].out_channels == priors * (num_classes + 1)
 
 
 def test_faster_rcnn_r50_fpn_has_the_reference_parameter_count():
@@ -114,18 +117,21 @@ def test_faster_rcnn_r50_fpn_forward_on_one_800x1333_image_on_cpu():
 
 # ------------------------------------------------------------------------------------------------- overfitting
 
-def _train(model, batch, iters: int, lr: float = 1e-3, warmup: int = 20, fused: bool = False):
+def _train(model, batch, iters: int, lr: float = 1e-3, warmup: int = 20, fused: bool = False,
+           decay_at: int | None = None):
     """AdamW on one fixed batch (the reference SGD schedule needs thousands of iterations, too slow for CI).
 
     ``fused``: PyTorch's fused AdamW kernel (same update, about 4x cheaper on CPU than the per-tensor loop, which
-    costs as much as a 64 px ResNet-18 forward and backward)."""
+    costs as much as a 64 px ResNet-18 forward and backward). ``decay_at``: the lr drops 10x from that iteration on
+    (a step schedule, for a model whose AP still swings at the end at a constant lr)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4, fused=fused or None)
     model.train()
     first = last = None
     for it in range(iters):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, 0.1 + 0.9 * it / warmup)
+            group["lr"] = lr * min(1.0, 0.1 + 0.9 * it / warmup) * (0.1 if decay_at is not None and it >= decay_at
+                                                                     else 1.0)
         losses = model(batch)
         loss = sum(losses.values())
         opt.zero_grad()
@@ -153,51 +159,58 @@ def shapes():
     return samples, [r for _, r in samples]
 
 
+@pytest.fixture(scope="module")
+def small_shapes():
+    """Two 64 x 64 images, three shapes of 23-30 px: a quarter of ``shapes``' pixels, for the detectors that overfit
+    them as well (seeds 0, 1, 2 checked for each test that uses it)."""
+    torch.set_num_threads(2)
+    samples = make_shapes_dataset(2, height=64, width=64, max_objects=2, seed=3)
+    return samples, [r for _, r in samples]
+
+
 @pytest.mark.parametrize("pipeline,extra,iters", [
     ("faster_rcnn_r50_fpn_1x_coco.yaml", TINY_RPN + TINY_ROI, 60),
-    ("retinanet_r50_fpn_1x_coco.yaml", TINY_RETINA, 150),
+    ("retinanet_r50_fpn_1x_coco.yaml", TINY_RETINA, 80),
 ], ids=["faster_rcnn", "retinanet"])
-def test_detector_overfits_a_few_images(shapes, pipeline, extra, iters):
-    samples, records = shapes
-    torch.manual_seed(0)
+def test_detector_overfits_a_few_images(small_shapes, pipeline, extra, iters):
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass (AP50 1.0)
     model = build_from_pipeline(pipeline, TINY + extra)
     batch = collate_samples(samples)
-    first, last = _train(model, batch, iters)
+    first, last = _train(model, batch, iters, lr=2e-3, warmup=10, fused=True)
     assert sum(last.values()) < 0.5 * sum(first.values())
     metrics = _ap(model, batch, records)
     assert metrics["bbox/AP50"] > 0.9, metrics
 
 
-def test_rpn_overfits_a_few_images(shapes):
-    """The RPN's own metric is proposal recall (COCO AR, IoU 0.5:0.95, class-agnostic).
+def test_rpn_overfits_a_few_images(small_shapes):
+    """The RPN's own metric is proposal recall (class-agnostic): every object is found by one of the 10 best
+    proposals at IoU >= 0.7 (the RPN's positive threshold, Ren et al. 2015, section 3.1.2); the untrained RPN's top 10
+    find at most one of the three at that IoU.
 
     Box AP does not fit raw proposals: anchors in the assigner's ignore band (IoU 0.3-0.7) are never trained as
     negatives, so near-duplicates of one object keep high objectness and rank above other objects' proposals.
     """
-    from raydet.evaluation import evaluate_proposals, recall_at
+    from raydet.evaluation import recall_at
 
-    samples, records = shapes
-    torch.manual_seed(0)
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass
     model = build_from_pipeline("rpn_r50_fpn_1x_coco.yaml", TINY + TINY_RPN)
     batch = collate_samples(samples)
-    first, last = _train(model, batch, 200)
+    first, last = _train(model, batch, 80, lr=2e-3, warmup=10, fused=True)
     assert sum(last.values()) < 0.2 * sum(first.values())
     with torch.no_grad():
         proposals = model(batch, mode="predict")
-    agnostic = [dict(r, labels=np.zeros_like(r["labels"])) for r in records]
-    gt = coco_from_records(agnostic, ["object"])
-    metrics = evaluate_proposals(gt, proposals, [r["image_id"] for r in records], (10, 100))
-    assert metrics["proposal/AR@100"] > 0.9, metrics
     as_numpy = [torch.cat([p["boxes"], p["scores"][:, None]], 1).numpy() for p in proposals]
-    assert recall_at(as_numpy, [r["boxes"] for r in records], 100, iou_thrs=np.array([0.5])) == 1.0
+    assert recall_at(as_numpy, [r["boxes"] for r in records], 10, iou_thrs=np.array([0.7])) == 1.0
 
 
-def test_mask_rcnn_overfits_boxes_and_masks(shapes):
-    samples, records = shapes
-    torch.manual_seed(0)
+def test_mask_rcnn_overfits_boxes_and_masks(small_shapes):
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass (box and mask AP50 1.0)
     model = build_from_pipeline("mask_rcnn_r50_fpn_1x_coco.yaml", TINY + TINY_RPN + TINY_ROI + TINY_MASK)
     batch = collate_samples(samples, with_masks=True)
-    first, last = _train(model, batch, 60)
+    first, last = _train(model, batch, 60, lr=2e-3, warmup=10, fused=True)
     assert last["loss_mask"] < 0.5 * first["loss_mask"]
     metrics = _ap(model, batch, records, iou_types=("bbox", "segm"))
     assert metrics["bbox/AP50"] > 0.9, metrics

@@ -24,7 +24,7 @@ from raydet.data.pipeline import TorchDetectionDataset
 from raydet.data.ray_data import decode_masks, encode_masks
 from raydet.evaluation import coco_from_records, evaluate_coco, predictions_to_coco_results
 from raydet.evaluation.evaluator import DatasetEvaluator
-from raydet.masks import instance_masks_to_bitmaps, rle_to_bitmap, to_rle, valid_polygons
+from raydet.masks import instance_masks_to_bitmaps, rle_to_bitmap, to_rle, valid_polygons, valid_polygons_many
 
 SIZE = 64
 PIPELINES = Path(__file__).resolve().parents[1] / "pipelines"
@@ -131,6 +131,29 @@ def test_valid_polygons_is_the_one_rule():
                      ("polygon", "polygons must be a list")):
         with pytest.raises(ValueError, match=why):
             valid_polygons(bad)
+
+
+def test_valid_polygons_many_follows_the_one_rule():
+    """The readers' batch form gives each instance exactly what valid_polygons gives it (values or message)."""
+    tri, ftri = [0, 0, 10, 0, 10, 10], [0.5, 0.5, 10.5, 0.5, 10.5, 10.5]
+    cases = [[tri], [[10, 10, 40, 10], tri], [[0, 0, 10, 10, 20, 20]], [[0.1, 0.1, 0.2, 0.2, 0.3, 0.3], ftri],
+             [[5, 5, 5, 5, 5, 5]], [[0, 0, 4, 0, 4]], [tri, [0, 0, 1, float("nan"), 2, 2]], [],
+             [[0, 0, 10, 10, 10, 0, 0, 10], ftri, [1e9, 0, 0, 1e9, 2e9, 2e9]]]
+    odd = [[["0", 0, 1, 1, 2, 2]], [[True, 0, 1, 1, 2, 2]], [1.0, 2.0], "polygon"]
+
+    def expected(instance):
+        try:
+            return valid_polygons(instance)
+        except ValueError as exc:
+            return f"ValueError: {exc}"
+
+    def got(result):
+        return f"ValueError: {result}" if isinstance(result, ValueError) else result
+
+    for batch in (cases, cases + odd, [[ftri], [ftri, [0.0, 0.0, 1.0, 1.0, 2.0, 2.0]]]):
+        assert [got(r) for r in valid_polygons_many(batch)] == [expected(c) for c in batch]
+    assert valid_polygons_many([[ftri]])[0] == [ftri]
+    assert valid_polygons_many([]) == []
 
 
 SQUARE = square(20, 20, 20)  # rows 20..39, columns 20..39: 400 px

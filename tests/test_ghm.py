@@ -163,12 +163,12 @@ def test_ghm_retinanet_r50_has_mmdetection_parameter_count_and_buffers():
 
 def test_tiny_ghm_retinanet_overfits_a_few_images():
     torch.set_num_threads(2)
-    samples = make_shapes_dataset(4, height=128, width=128, max_objects=3, seed=3)
+    samples = make_shapes_dataset(2, height=64, width=64, max_objects=2, seed=3)  # 3 shapes of 23-30 px
     records = [r for _, r in samples]
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass (AP50 1.0)
     model = build_from_pipeline(GHM_PIPELINE, TINY + TINY_RETINA)
     batch = collate_samples(samples)
-    first, last = _train(model, batch, 150)
+    first, last = _train(model, batch, 80, lr=2e-3, warmup=10, fused=True)
     assert sum(last.values()) < 0.5 * sum(first.values())
     metrics = _ap(model, batch, records)
     assert metrics["bbox/AP50"] > 0.9, metrics

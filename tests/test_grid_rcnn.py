@@ -16,7 +16,7 @@ from raydet.models.losses import CrossEntropyLoss
 from raydet.models.roi_heads.grid_roi_head import jitter_boxes
 from raydet.models.roi_heads.mask_heads.grid_head import (GridHead, grid_points_to_boxes, grid_sub_regions,
                                                          grid_targets)
-from test_detectors import TINY, TINY_RPN, _ap, _train, build_from_pipeline, shapes  # noqa: F401
+from test_detectors import TINY, TINY_RPN, _ap, _train, build_from_pipeline, small_shapes  # noqa: F401
 
 
 def test_sub_regions_of_a_3x3_grid_on_a_56_map():
@@ -148,13 +148,13 @@ TINY_GRID = [
 ]
 
 
-def test_grid_rcnn_overfits_a_few_images(shapes):  # noqa: F811
-    samples, records = shapes
-    torch.manual_seed(0)
+def test_grid_rcnn_overfits_a_few_images(small_shapes):  # noqa: F811
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass (AP50 1.0)
     model = build_from_pipeline("grid_rcnn_r50_fpn_gn-head_2x_coco.yaml", TINY + TINY_RPN + TINY_GRID)
     assert not hasattr(model.roi_head.bbox_head, "fc_reg")  # classification only: the grid head locates
     batch = collate_samples(samples)
-    first, last = _train(model, batch, 40)
+    first, last = _train(model, batch, 40, lr=2e-3, warmup=10, fused=True)
     # the grid loss starts near its floor (the 1% prior on maps that are 5 / 784 positive): it falls, but less
     assert last["loss_cls"] < 0.5 * first["loss_cls"] and last["loss_grid"] < 0.95 * first["loss_grid"]
     metrics = _ap(model, batch, records)

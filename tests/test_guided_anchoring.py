@@ -23,7 +23,7 @@ import raydet.models  # noqa: F401  (registers the components)
 from raydet.config import load_config
 from raydet.data.collate import collate_samples
 from raydet.data.synthetic import CLASSES, make_shapes_dataset
-from raydet.evaluation import coco_from_records, evaluate_coco, evaluate_proposals, predictions_to_coco_results
+from raydet.evaluation import coco_from_records, evaluate_coco, predictions_to_coco_results, recall_at
 from raydet.models.dense_heads.guided_anchor_head import FeatureAdaption, ga_loc_targets
 from raydet.models.task_modules.assigners import ApproxMaxIoUAssigner, MaxIoUAssigner
 from raydet.models.task_modules.prior_generators import AnchorGenerator
@@ -274,13 +274,6 @@ TINY_RPN = ["model.rpn_head.in_channels=64", "model.rpn_head.feat_channels=64",
 
 
 @pytest.fixture(scope="module")
-def shapes():
-    torch.set_num_threads(2)
-    samples = make_shapes_dataset(2, height=128, width=128, max_objects=3, seed=3)  # 5 shapes (DCN on CPU is slow)
-    return [r for _, r in samples], collate_samples(samples)
-
-
-@pytest.fixture(scope="module")
 def small_shapes():
     torch.set_num_threads(2)
     samples = make_shapes_dataset(2, height=64, width=64, max_objects=2, seed=3)  # 3 shapes of 23-30 px
@@ -308,16 +301,15 @@ def test_ga_detector_overfits_a_few_images(small_shapes, pipeline, extra, iters,
     assert metrics["bbox/AP50"] > 0.9, metrics
 
 
-def test_ga_rpn_overfits_a_few_images(shapes):
-    """Proposal recall (COCO AR@100, class-agnostic), as the RPN's test."""
-    records, batch = shapes
-    torch.manual_seed(0)
+def test_ga_rpn_overfits_a_few_images(small_shapes):
+    """Proposal recall, as the RPN's test (test_detectors): every object is found by one of the 10 best proposals at
+    IoU >= 0.7 (the untrained GA-RPN's top 10 find at most one of the three)."""
+    records, batch = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass
     model = _build("ga_rpn_r50_caffe_fpn_1x_coco.yaml", TINY + TINY_RPN)
-    first, last = _train(model, batch, 180)
+    first, last = _train(model, batch, 80, lr=2e-3, warmup=10, fused=True)
     assert sum(last.values()) < 0.5 * sum(first.values())
     with torch.no_grad():
         proposals = model(batch, mode="predict")
-    agnostic = [dict(r, labels=np.zeros_like(r["labels"])) for r in records]
-    gt = coco_from_records(agnostic, ["object"])
-    metrics = evaluate_proposals(gt, proposals, [r["image_id"] for r in records], (10, 100))
-    assert metrics["proposal/AR@100"] > 0.9, metrics
+    as_numpy = [torch.cat([p["boxes"], p["scores"][:, None]], 1).numpy() for p in proposals]
+    assert recall_at(as_numpy, [r["boxes"] for r in records], 10, iou_thrs=np.array([0.7])) == 1.0

@@ -59,6 +59,38 @@ PIPELINES = {
     "cascade-mask-rcnn_r50_fpn_1x_coco": ROOT / "pipelines" / "cascade_mask_rcnn_r50_fpn_1x_coco.yaml",
     "htc_r50_fpn_1x_coco": ROOT / "pipelines" / "htc_r50_fpn_1x_coco.yaml",
     "htc-without-semantic_r50_fpn_1x_coco": ROOT / "pipelines" / "htc_without_semantic_r50_fpn_1x_coco.yaml",
+    "mask-rcnn_r50-gcb-r4-c3-c5_fpn_1x_coco": ROOT / "pipelines" / "mask_rcnn_r50_fpn_gcb_r4_c3-c5_1x_coco.yaml",
+    "mask-rcnn_r50-gcb-r16-c3-c5_fpn_1x_coco": ROOT / "pipelines" / "mask_rcnn_r50_fpn_gcb_r16_c3-c5_1x_coco.yaml",
+    "faster-rcnn_r50-attn1111_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_attention_1111_1x_coco.yaml",
+    "faster-rcnn_r50-attn0010_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_attention_0010_1x_coco.yaml",
+    "faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_dconv_c3-c5_1x_coco.yaml",
+    "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_mdconv_c3-c5_1x_coco.yaml",
+    "mask-rcnn_r50_fpn_gn-ws-all_2x_coco": ROOT / "pipelines" / "mask_rcnn_r50_fpn_gn_ws-all_2x_coco.yaml",
+    "faster-rcnn_hrnetv2p-w18-1x_coco": ROOT / "pipelines" / "faster_rcnn_hrnetv2p_w18_1x_coco.yaml",
+    "mask-rcnn_hrnetv2p-w18-1x_coco": ROOT / "pipelines" / "mask_rcnn_hrnetv2p_w18_1x_coco.yaml",
+    "faster-rcnn_hrnetv2p-w32-1x_coco": ROOT / "pipelines" / "faster_rcnn_hrnetv2p_w32_1x_coco.yaml",
+    "faster-rcnn_hrnetv2p-w40-1x_coco": ROOT / "pipelines" / "faster_rcnn_hrnetv2p_w40_1x_coco.yaml",
+    "mask-rcnn_hrnetv2p-w32-1x_coco": ROOT / "pipelines" / "mask_rcnn_hrnetv2p_w32_1x_coco.yaml",
+    "cascade-rcnn_hrnetv2p-w32-20e_coco": ROOT / "pipelines" / "cascade_rcnn_hrnetv2p_w32_20e_coco.yaml",
+    "cascade-mask-rcnn_hrnetv2p-w32_20e_coco": ROOT / "pipelines" / "cascade_mask_rcnn_hrnetv2p_w32_20e_coco.yaml",
+    "faster-rcnn_r50_fpn_gn-ws-all_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_gn_ws-all_1x_coco.yaml",
+    "mask-rcnn_x101-32x4d_fpn_gn-ws-all_2x_coco":
+        ROOT / "pipelines" / "mask_rcnn_x101_32x4d_fpn_gn_ws-all_2x_coco.yaml",
+    "faster-rcnn_r50-scratch_fpn_gn-all_6x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_gn_scratch_6x_coco.yaml",
+    "mask-rcnn_r50-scratch_fpn_gn-all_6x_coco": ROOT / "pipelines" / "mask_rcnn_r50_fpn_gn_scratch_6x_coco.yaml",
+    "faster-rcnn_r50-attn1111-dcn_fpn_1x_coco":
+        ROOT / "pipelines" / "faster_rcnn_r50_fpn_attention_1111_dcn_1x_coco.yaml",
+    "faster-rcnn_r50-attn0010-dcn_fpn_1x_coco":
+        ROOT / "pipelines" / "faster_rcnn_r50_fpn_attention_0010_dcn_1x_coco.yaml",
+    "mask-rcnn_r50-dconv-c3-c5_fpn_1x_coco": ROOT / "pipelines" / "mask_rcnn_r50_fpn_dconv_c3-c5_1x_coco.yaml",
+    "cascade-rcnn_r50-dconv-c3-c5_fpn_1x_coco": ROOT / "pipelines" / "cascade_rcnn_r50_fpn_dconv_c3-c5_1x_coco.yaml",
+    "faster-rcnn_r50_fpn_dpool_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_dpool_1x_coco.yaml",
+    "faster-rcnn_r50_fpn_mdpool_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_fpn_mdpool_1x_coco.yaml",
+    "faster-rcnn_r50-caffe_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_r50_caffe_fpn_1x_coco.yaml",
+    "faster-rcnn_r101_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_r101_fpn_1x_coco.yaml",
+    "faster-rcnn_x101-32x4d_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_x101_32x4d_fpn_1x_coco.yaml",
+    "faster-rcnn_x101-64x4d_fpn_1x_coco": ROOT / "pipelines" / "faster_rcnn_x101_64x4d_fpn_1x_coco.yaml",
+    "cascade-mask-rcnn_x101-64x4d_fpn_1x_coco": ROOT / "pipelines" / "cascade_mask_rcnn_x101_64x4d_fpn_1x_coco.yaml",
 }
 _, COCO_NAMES, _ = coco_slots()
 
@@ -80,6 +112,43 @@ CASCADE_MASK = {"roi_head.mask_head.0.convs.0.conv.weight": "roi_head.mask_head.
                 "roi_head.mask_head.2.conv_logits.bias": "roi_head.mask_head.2.conv_logits.bias"}
 HTC_FLOW = {"roi_head.mask_head.1.conv_res.conv.weight": "roi_head.mask_head.1.conv_res.0.weight",
             "roi_head.mask_head.2.conv_res.conv.bias": "roi_head.mask_head.2.conv_res.0.bias"}
+# HRNet keeps MMDetection's names (fuse layers, transitions); HRFPN's ConvModules: reduction_conv and one fpn_conv
+# per level (no laterals, so no level is an extra conv)
+HRNET = {"backbone.transition1.1.0.0.weight": "backbone.transition1.1.0.0.weight",
+         "backbone.stage4.2.fuse_layers.3.0.2.1.running_var": "backbone.stage4.2.fuse_layers.3.0.2.1.running_var",
+         "backbone.stage3.3.branches.2.3.bn2.num_batches_tracked":
+             "backbone.stage3.3.branches.2.3.bn2.num_batches_tracked",
+         "neck.reduction_conv.conv.weight": "neck.reduction_conv.0.weight",
+         "neck.fpn_convs.0.conv.bias": "neck.fpn_convs.0.0.bias",
+         "neck.fpn_convs.4.conv.weight": "neck.fpn_convs.4.0.weight",
+         "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight"}
+# GN everywhere (GN+WS, from scratch): a GN ResNet's norms gn1..gn3 -> bn1..bn3; ConvModule towers with GN (FPN
+# lateral / output convs: conv, GN; the box head's 4 shared convs and the mask head's: conv i -> 3 i, its GN -> 3 i + 1)
+GN_ALL = {"backbone.conv1.weight": "backbone.conv1.weight",
+          "backbone.gn1.bias": "backbone.bn1.bias",
+          "backbone.layer1.0.gn3.weight": "backbone.layer1.0.bn3.weight",
+          "backbone.layer4.2.gn2.bias": "backbone.layer4.2.bn2.bias",
+          "backbone.layer2.0.downsample.1.weight": "backbone.layer2.0.downsample.1.weight",
+          "neck.lateral_convs.1.gn.weight": "neck.lateral_convs.1.1.weight",
+          "neck.fpn_convs.0.gn.bias": "neck.fpn_convs.0.1.bias",
+          "roi_head.bbox_head.shared_convs.1.conv.weight": "roi_head.bbox_head.shared_convs.3.weight",
+          "roi_head.bbox_head.shared_convs.3.gn.bias": "roi_head.bbox_head.shared_convs.10.bias",
+          "roi_head.bbox_head.fc_cls.weight": "roi_head.bbox_head.fc_cls.weight"}
+GN_ALL_MASK = {"roi_head.mask_head.convs.3.conv.weight": "roi_head.mask_head.convs.9.weight",
+               "roi_head.mask_head.convs.0.gn.weight": "roi_head.mask_head.convs.1.weight",
+               "roi_head.mask_head.conv_logits.bias": "roi_head.mask_head.conv_logits.bias"}
+# deformable RoI pooling: one DeformRoIPoolPack / ModulatedDeformRoIPoolPack per level, keeping mmcv's names (the
+# offset FCs 0, 2, 4 with ReLUs between; the modulation's mask FCs 0, 2)
+DPOOL = {**BACKBONE, **NECK,
+         "roi_head.bbox_roi_extractor.roi_layers.0.offset_fc.0.weight":
+             "roi_head.bbox_roi_extractor.roi_layers.0.offset_fc.0.weight",
+         "roi_head.bbox_roi_extractor.roi_layers.3.offset_fc.4.bias":
+             "roi_head.bbox_roi_extractor.roi_layers.3.offset_fc.4.bias",
+         "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight"}
+# the deeper ResNets / ResNeXts keep the bottleneck names (ResNet-101's third stage: 23 blocks; grouped conv2)
+DEEP = {**BACKBONE, **NECK,
+        "backbone.layer3.22.conv2.weight": "backbone.layer3.22.conv2.weight",
+        "backbone.layer3.22.bn3.running_mean": "backbone.layer3.22.bn3.running_mean"}
 EXPECTED = {
     "faster-rcnn_r50_fpn_1x_coco": {
         **BACKBONE, **NECK,
@@ -202,12 +271,121 @@ EXPECTED = {
     "cascade-rcnn_r50_fpn_20e_coco": CASCADE,
     "cascade-mask-rcnn_r50_fpn_1x_coco": {**CASCADE, **CASCADE_MASK},
     "htc-without-semantic_r50_fpn_1x_coco": {**CASCADE, **CASCADE_MASK, **HTC_FLOW},
+    # DCN / DCNv2 in c3-c5: mmcv's DeformConv2dPack / ModulatedDeformConv2dPack keep the bottleneck's ``conv2``
+    # name, with their ``conv_offset`` inside (offsets; DCNv2: offsets and masks), as raydet's
+    "faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer2.0.conv2.weight": "backbone.layer2.0.conv2.weight",
+        "backbone.layer2.0.conv2.conv_offset.weight": "backbone.layer2.0.conv2.conv_offset.weight",
+        "backbone.layer4.2.conv2.conv_offset.bias": "backbone.layer4.2.conv2.conv_offset.bias",
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight"},
+    "faster-rcnn_r50-mdconv-c3-c5_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer3.5.conv2.weight": "backbone.layer3.5.conv2.weight",
+        "backbone.layer3.5.conv2.conv_offset.weight": "backbone.layer3.5.conv2.conv_offset.weight",
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight"},
     "htc_r50_fpn_1x_coco": {  # the semantic head's ConvModules (1x1 + ReLU) and its 3x3 tower
         **CASCADE, **CASCADE_MASK, **HTC_FLOW,
         "roi_head.semantic_head.lateral_convs.4.conv.weight": "roi_head.semantic_head.lateral_convs.4.0.weight",
         "roi_head.semantic_head.convs.3.conv.bias": "roi_head.semantic_head.convs.6.bias",
         "roi_head.semantic_head.conv_embedding.conv.weight": "roi_head.semantic_head.conv_embedding.0.weight",
         "roi_head.semantic_head.conv_logits.bias": "roi_head.semantic_head.conv_logits.bias"},
+    "mask-rcnn_r50_fpn_gn-ws-all_2x_coco": {  # ConvWS keeps nn.Conv2d's names; a GN ResNet's norms are gn1..gn3
+        "backbone.conv1.weight": "backbone.conv1.weight",
+        "backbone.gn1.bias": "backbone.bn1.bias",
+        "backbone.layer1.0.gn3.weight": "backbone.layer1.0.bn3.weight",
+        "backbone.layer4.2.gn2.bias": "backbone.layer4.2.bn2.bias",
+        "backbone.layer2.0.downsample.1.weight": "backbone.layer2.0.downsample.1.weight",  # its GN
+        "neck.lateral_convs.2.gn.weight": "neck.lateral_convs.2.1.weight",
+        "neck.fpn_convs.3.conv.weight": "neck.fpn_convs.3.0.weight",
+        "rpn_head.rpn_conv.bias": "rpn_head.rpn_conv.bias",  # MMDetection's RPN conv stays plain (with a bias)
+        "roi_head.bbox_head.shared_convs.0.conv.weight": "roi_head.bbox_head.shared_convs.0.weight",  # conv, GN, ReLU
+        "roi_head.bbox_head.shared_convs.3.gn.bias": "roi_head.bbox_head.shared_convs.10.bias",
+        "roi_head.bbox_head.shared_fcs.0.weight": "roi_head.bbox_head.shared_fcs.0.weight",
+        "roi_head.mask_head.convs.1.conv.weight": "roi_head.mask_head.convs.3.weight",
+        "roi_head.mask_head.convs.3.gn.weight": "roi_head.mask_head.convs.10.weight"},
+    # backbone plugins keep MMDetection's names: <block>.context_block / <block>.gen_attention_block (mmcv's layers)
+    "mask-rcnn_r50-gcb-r4-c3-c5_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer2.0.context_block.conv_mask.weight": "backbone.layer2.0.context_block.conv_mask.weight",
+        "backbone.layer3.5.context_block.channel_add_conv.1.weight":  # its LayerNorm
+            "backbone.layer3.5.context_block.channel_add_conv.1.weight",
+        "backbone.layer4.2.context_block.channel_add_conv.3.bias":
+            "backbone.layer4.2.context_block.channel_add_conv.3.bias",
+        "roi_head.mask_head.conv_logits.bias": "roi_head.mask_head.conv_logits.bias"},
+    "mask-rcnn_r50-gcb-r16-c3-c5_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer3.0.context_block.channel_add_conv.0.weight":
+            "backbone.layer3.0.context_block.channel_add_conv.0.weight"},
+    "faster-rcnn_r50-attn1111_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer3.0.gen_attention_block.query_conv.weight":
+            "backbone.layer3.0.gen_attention_block.query_conv.weight",
+        "backbone.layer4.2.gen_attention_block.appr_geom_fc_y.weight":
+            "backbone.layer4.2.gen_attention_block.appr_geom_fc_y.weight",
+        "backbone.layer4.1.gen_attention_block.geom_bias": "backbone.layer4.1.gen_attention_block.geom_bias",
+        "backbone.layer3.4.gen_attention_block.gamma": "backbone.layer3.4.gen_attention_block.gamma"},
+    "faster-rcnn_r50-attn0010_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer3.2.gen_attention_block.appr_bias": "backbone.layer3.2.gen_attention_block.appr_bias",
+        "backbone.layer4.0.gen_attention_block.proj_conv.bias": "backbone.layer4.0.gen_attention_block.proj_conv.bias"},
+    "faster-rcnn_hrnetv2p-w18-1x_coco": HRNET,
+    "mask-rcnn_hrnetv2p-w18-1x_coco": {
+        **HRNET,
+        "roi_head.mask_head.convs.3.conv.bias": "roi_head.mask_head.convs.6.bias",
+        "roi_head.mask_head.conv_logits.weight": "roi_head.mask_head.conv_logits.weight"},
+    "faster-rcnn_hrnetv2p-w32-1x_coco": HRNET,
+    "faster-rcnn_hrnetv2p-w40-1x_coco": HRNET,
+    "mask-rcnn_hrnetv2p-w32-1x_coco": {
+        **HRNET,
+        "roi_head.mask_head.convs.1.conv.weight": "roi_head.mask_head.convs.2.weight",
+        "roi_head.mask_head.upsample.bias": "roi_head.mask_head.upsample.bias"},
+    "cascade-rcnn_hrnetv2p-w32-20e_coco": {
+        **{k: v for k, v in HRNET.items() if not k.startswith("roi_head.")},
+        "roi_head.bbox_head.0.shared_fcs.1.weight": "roi_head.bbox_head.0.shared_fcs.2.weight",
+        "roi_head.bbox_head.2.fc_reg.bias": "roi_head.bbox_head.2.fc_reg.bias"},
+    "cascade-mask-rcnn_hrnetv2p-w32_20e_coco": {
+        **{k: v for k, v in HRNET.items() if not k.startswith("roi_head.")}, **CASCADE_MASK,
+        "roi_head.bbox_head.1.shared_fcs.1.bias": "roi_head.bbox_head.1.shared_fcs.2.bias"},
+    "faster-rcnn_r50_fpn_gn-ws-all_1x_coco": GN_ALL,
+    "mask-rcnn_x101-32x4d_fpn_gn-ws-all_2x_coco": {
+        **GN_ALL, **GN_ALL_MASK,
+        "backbone.layer3.22.conv2.weight": "backbone.layer3.22.conv2.weight",  # grouped (32 x 4d)
+        "backbone.layer3.22.gn2.weight": "backbone.layer3.22.bn2.weight"},
+    "faster-rcnn_r50-scratch_fpn_gn-all_6x_coco": GN_ALL,
+    "mask-rcnn_r50-scratch_fpn_gn-all_6x_coco": {**GN_ALL, **GN_ALL_MASK},
+    # attention plugins and DCN in c3-c5 together: both keep MMDetection's names inside a bottleneck
+    "faster-rcnn_r50-attn1111-dcn_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer3.0.gen_attention_block.query_conv.weight":
+            "backbone.layer3.0.gen_attention_block.query_conv.weight",
+        "backbone.layer3.0.conv2.conv_offset.weight": "backbone.layer3.0.conv2.conv_offset.weight",
+        "backbone.layer4.2.conv2.weight": "backbone.layer4.2.conv2.weight",
+        "backbone.layer4.2.conv2.conv_offset.bias": "backbone.layer4.2.conv2.conv_offset.bias"},
+    "faster-rcnn_r50-attn0010-dcn_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer4.0.gen_attention_block.key_conv.weight":
+            "backbone.layer4.0.gen_attention_block.key_conv.weight",
+        "backbone.layer2.0.conv2.conv_offset.weight": "backbone.layer2.0.conv2.conv_offset.weight"},
+    "mask-rcnn_r50-dconv-c3-c5_fpn_1x_coco": {
+        **BACKBONE, **NECK,
+        "backbone.layer3.0.conv2.conv_offset.weight": "backbone.layer3.0.conv2.conv_offset.weight",
+        "roi_head.mask_head.convs.3.conv.bias": "roi_head.mask_head.convs.6.bias"},
+    "cascade-rcnn_r50-dconv-c3-c5_fpn_1x_coco": {
+        **CASCADE,
+        "backbone.layer4.1.conv2.conv_offset.bias": "backbone.layer4.1.conv2.conv_offset.bias"},
+    "faster-rcnn_r50_fpn_dpool_1x_coco": DPOOL,
+    "faster-rcnn_r50_fpn_mdpool_1x_coco": {
+        **DPOOL,
+        "roi_head.bbox_roi_extractor.roi_layers.2.mask_fc.2.weight":
+            "roi_head.bbox_roi_extractor.roi_layers.2.mask_fc.2.weight"},
+    "faster-rcnn_r50-caffe_fpn_1x_coco": {  # the caffe style moves the stride to conv1: the same tensors
+        **BACKBONE, **NECK,
+        "roi_head.bbox_head.shared_fcs.1.weight": "roi_head.bbox_head.shared_fcs.2.weight"},
+    "faster-rcnn_r101_fpn_1x_coco": DEEP,
+    "faster-rcnn_x101-32x4d_fpn_1x_coco": DEEP,
+    "faster-rcnn_x101-64x4d_fpn_1x_coco": DEEP,
+    "cascade-mask-rcnn_x101-64x4d_fpn_1x_coco": {**DEEP, **CASCADE, **CASCADE_MASK},
 }
 
 

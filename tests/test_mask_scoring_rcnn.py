@@ -136,7 +136,7 @@ TINY_MS = [  # the MaskIoU head of the ResNet-18 / 64-channel Mask R-CNN variant
 
 @pytest.fixture(scope="module")
 def trained():
-    """A tiny Mask Scoring R-CNN trained on 4 synthetic 128-px images (60 AdamW steps, as Mask R-CNN's test)."""
+    """A tiny Mask Scoring R-CNN trained on 2 synthetic 64-px images (40 AdamW steps, as Mask R-CNN's test)."""
     from test_detectors import (
         TINY,
         TINY_MASK,
@@ -150,11 +150,11 @@ def trained():
     from raydet.data.synthetic import make_shapes_dataset
 
     torch.set_num_threads(2)
-    samples = make_shapes_dataset(4, height=128, width=128, max_objects=3, seed=3)
+    samples = make_shapes_dataset(2, height=64, width=64, max_objects=2, seed=3)  # test_detectors.small_shapes
     torch.manual_seed(0)
     model = build_from_pipeline(PIPELINE, TINY + TINY_RPN + TINY_ROI + TINY_MASK + TINY_MS)
     batch = collate_samples(samples, with_masks=True)
-    first, last = _train(model, batch, 40)  # box / mask AP50 1.0 for seeds 0, 1, 2
+    first, last = _train(model, batch, 40, lr=2e-3, warmup=10, fused=True)  # box / mask AP50 1.0 for seeds 0, 1, 2
     with torch.no_grad():
         preds = model(batch, mode="predict")
     return [r for _, r in samples], preds, first, last

@@ -19,8 +19,14 @@ def square(x, y, s):
     return [[x, y, x + s, y, x + s, y + s, x, y + s]]
 
 
-def mixed_coco(tmp_path: Path) -> CocoDataset:
-    """6 images: landscape 40x60 and portrait 60x40, one without any box, ragged box counts, polygon masks."""
+def seg_map(i: int, h: int, w: int) -> np.ndarray:
+    """Image i's semantic map: random ids 0-4 and 255 per pixel (any resampling error shows)."""
+    return np.random.default_rng([1, i]).choice(np.array([0, 1, 2, 3, 4, 255], np.uint8), size=(h, w))
+
+
+def mixed_coco(tmp_path: Path, with_seg: bool = False) -> CocoDataset:
+    """6 images: landscape 40x60 and portrait 60x40, one without any box, ragged box counts, polygon masks;
+    ``with_seg``: a semantic map per image (:func:`seg_map`) under ``seg/``."""
     rng = np.random.default_rng(0)
     images, anns = [], []
     counts = [2, 0, 1, 3, 1, 2]
@@ -29,6 +35,9 @@ def mixed_coco(tmp_path: Path) -> CocoDataset:
         name = f"{i}.png"
         (tmp_path / "img").mkdir(exist_ok=True)
         cv2.imwrite(str(tmp_path / "img" / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        if with_seg:
+            (tmp_path / "seg").mkdir(exist_ok=True)
+            cv2.imwrite(str(tmp_path / "seg" / name), seg_map(i, h, w))
         images.append({"id": 100 + i, "file_name": name, "height": h, "width": w})
         for k in range(n):
             x, y, s = 2 + 11 * k, 3 + 5 * k, 8 + k
@@ -36,7 +45,8 @@ def mixed_coco(tmp_path: Path) -> CocoDataset:
                          "bbox": [x, y, s, s], "iscrowd": 0, "segmentation": square(x, y, s)})
     data = {"images": images, "annotations": anns, "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]}
     (tmp_path / "ann.json").write_text(json.dumps(data))
-    return CocoDataset(str(tmp_path / "ann.json"), str(tmp_path / "img") + "/", pipeline=PIPELINE, with_masks=True)
+    return CocoDataset(str(tmp_path / "ann.json"), str(tmp_path / "img") + "/", pipeline=PIPELINE, with_masks=True,
+                       seg_prefix=str(tmp_path / "seg") if with_seg else None)
 
 
 def test_mask_string_round_trip():
@@ -49,12 +59,12 @@ def test_mask_string_round_trip():
 
 
 def test_train_pipeline_matches_plain_transforms(ray_session, tmp_path):
-    ds = mixed_coco(tmp_path)
+    ds = mixed_coco(tmp_path, with_seg=True)
     _, cfg = build_transforms(ds.pipeline)
     reference = TorchDetectionDataset(ds, train=True, seed=7, epoch=3)
     index_of = {r["image_id"]: i for i, r in enumerate(ds.records)}
     rd = build_ray_dataset(ds, train=True, seed=7, epoch=3, num_actors=1, actor_batch_size=2)
-    seen = []
+    seen, flips = [], set()
     for batch in iter_detection_batches(rd.iterator(), 2, cfg, with_masks=True, train=True):
         imgs = batch["images"]
         assert imgs.shape[-2] % 32 == 0 and imgs.shape[-1] % 32 == 0
@@ -70,7 +80,18 @@ def test_train_pipeline_matches_plain_transforms(ray_session, tmp_path):
             assert torch_equal(batch["gt_labels"][i], expected["gt_labels"][i])
             assert torch_equal(batch["gt_masks"][i], expected["gt_masks"][i])  # masks survive Ray Data intact
             assert batch["gt_masks"][i].shape == (len(batch["gt_boxes"][i]), *meta["img_shape"])
-    assert sorted(seen) == [100, 101, 102, 103, 104, 105]
+            # the semantic map with the image's resize (nearest: row y <- floor(y h / h'), column x <- floor(x w / w'))
+            # and flip, 255 on the padding
+            (h, w), (nh, nw) = meta["ori_shape"], meta["img_shape"]
+            src = seg_map(meta["image_id"] - 100, h, w)
+            hand = src[(np.arange(nh) * h) // nh][:, (np.arange(nw) * w) // nw]
+            hand = hand[:, ::-1] if meta["flip"] else hand
+            flips.add(meta["flip"])
+            padded = np.full(imgs.shape[-2:], 255, np.uint8)
+            padded[:nh, :nw] = hand
+            np.testing.assert_array_equal(batch["gt_semantic_seg"][i].numpy(), padded)
+            assert torch_equal(batch["gt_semantic_seg"][i], expected["gt_semantic_seg"][i])
+    assert sorted(seen) == [100, 101, 102, 103, 104, 105] and flips == {True, False}
     counts = {r["image_id"]: len(r["boxes"]) for r in ds.records}
     assert counts[101] == 0  # the empty image went through as a (0, 4) box array
     # different epochs draw different augmentations (sizes / flips) for at least one image

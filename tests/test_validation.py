@@ -195,7 +195,8 @@ def test_raydet_config_validates_then_prints_and_validate_only_prints_ok(tmp_pat
     assert (code, out) == (2, "")
     assert err == ("error: --set: model.backbone.detph: unknown argument of ResNet; did you mean 'depth'? (valid: "
                    "depth, in_channels, num_stages, strides, dilations, out_indices, style, frozen_stages, norm_cfg, "
-                   "norm_eval, zero_init_residual, groups, base_width, dcn_cfg, stage_with_dcn, init_cfg)\n")
+                   "norm_eval, zero_init_residual, groups, base_width, dcn_cfg, stage_with_dcn, init_cfg, "
+                   "conv_cfg, plugins, base_channels)\n")
     code, out, err = run_config([QUICKSTART, "--validate-only"], capsys)
     assert (code, out, err) == (0, f"ok: {QUICKSTART}\n", "")
     code, out, _ = run_config([QUICKSTART, "--set", "model.backbone.depth=34"], capsys)

@@ -67,7 +67,8 @@ def ray_stream(sections: Sections):
     def stream(dataset, records, train: bool, epoch: int):
         ds = build_ray_dataset(with_records(dataset, records), train=train, seed=sections.seed, epoch=epoch,
                                num_actors=actors, num_cpus_per_actor=sc.data_cpus_per_actor,
-                               actor_batch_size=sc.data_batch_size, resources=sc.data_resources)
+                               actor_batch_size=sc.data_batch_size, resources=sc.data_resources,
+                               imports=tuple(sections.runtime.imports))
         _, collate_cfg = build_transforms(dataset.pipeline)
         return iter_detection_batches(ds, batch_size, collate_cfg, with_masks=getattr(dataset, "with_masks", False),
                                       train=train)

@@ -174,12 +174,13 @@ def check_cluster_resources(sections: Sections) -> None:
                 raise ConfigError(message)
     if sc.data_resources:  # actors go to other (CPU-only) nodes
         return
-    workers = sc.num_workers * sc.cpus_per_worker
-    actors = sc.num_workers * sc.data_actors[0] * sc.data_cpus_per_actor
+    n = sc.min_workers  # an elastic run starts with what fits, from min_workers
+    workers = n * sc.cpus_per_worker
+    actors = n * sc.data_actors[0] * sc.data_cpus_per_actor
     total = total_resources.get("CPU", 0.0)
     if workers + actors <= total + 1e-9:
         return
-    message = (f"scaling: {sc.num_workers} workers x {sc.cpus_per_worker} CPU + {sc.num_workers} x "
+    message = (f"scaling: {n} workers x {sc.cpus_per_worker} CPU + {n} x "
                f"{sc.data_actors[0]} decode actors x {sc.data_cpus_per_actor} CPU = {workers + actors:g} CPUs, but the "
                f"cluster has {total:g}; the data pipeline would wait forever. Lower scaling.cpus_per_worker or "
                f"scaling.data_cpus_per_actor, or use fewer workers.")
@@ -190,13 +191,18 @@ def check_cluster_resources(sections: Sections) -> None:
 
 
 def scaling_config(sections: Sections):
-    """Ray Train's ScalingConfig from the pipeline's ``scaling:`` section."""
+    """Ray Train's ScalingConfig from the pipeline's ``scaling:`` section: ``num_workers: [min, max]`` is Ray
+    Train's elastic ``num_workers=(min, max)``, with ``elastic_resize_monitor_interval_s``."""
     from ray.train import ScalingConfig
 
     sc = sections.scaling
     resources = {"CPU": sc.cpus_per_worker, **(sc.resources_per_worker or {})}
     if sc.use_gpu:
         resources["GPU"] = sc.gpus_per_worker
+    if sc.elastic:
+        return ScalingConfig(num_workers=(sc.min_workers, sc.max_workers), use_gpu=sc.use_gpu,
+                             resources_per_worker=resources,
+                             elastic_resize_monitor_interval_s=sc.elastic_resize_monitor_interval_s)
     return ScalingConfig(num_workers=sc.num_workers, use_gpu=sc.use_gpu, resources_per_worker=resources)
 
 

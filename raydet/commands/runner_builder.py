@@ -17,7 +17,8 @@ from raydet.commands.sections import parse_sections
 from raydet.config import Config
 from raydet.engine.hooks import (CheckpointHook, EvalHook, LoggerHook, LrSchedulerHook, OptimizerHook,
                                  ProgressBarHook, build_hook)
-from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer, scaled_lr
+from raydet.engine.elastic import world_plan
+from raydet.engine.optim import build_optimizer, parse_lr_schedule, parse_optimizer
 from raydet.engine.runner import Runner
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import build_context
@@ -51,13 +52,17 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
     with build_context(file=cfg.path, origins=cfg.origins):
         opt_cfg = parse_optimizer(cfg.get("optimizer"))
         schedule = parse_lr_schedule(cfg.get("lr_schedule"))
-    total_batch = sections.data.images_per_worker * world_size
-    lr = scaled_lr(opt_cfg, total_batch)
+    # the LR and the accumulation for this world size (scaling.on_resize; a resized run builds its runner again)
+    with build_context(file=cfg.path, origins=cfg.origins):
+        plan = world_plan(sections.scaling.on_resize, world_size, sections.data.images_per_worker, opt_cfg.lr,
+                          opt_cfg.base_batch_size, opt_cfg.scale_lr)
+    lr = plan.lr
     optimizer = build_optimizer(model, opt_cfg, lr)
 
     hooks = [LrSchedulerHook(lr, schedule),
              OptimizerHook(opt_cfg.grad_clip, fp16_scaler=sections.train.amp == "fp16",
-                           nonfinite=sections.train.nonfinite_loss, device=torch.device(device).type),
+                           nonfinite=sections.train.nonfinite_loss, device=torch.device(device).type,
+                           accumulation=plan.accumulation),
              CheckpointHook(sections.checkpoint.interval, sections.checkpoint.score_attribute,
                             sections.checkpoint.score_order),
              LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]

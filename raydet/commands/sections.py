@@ -15,6 +15,8 @@ from pathlib import Path
 import raydet.data  # noqa: F401  (registers the dataset and transform types built by build_datasets)
 from raydet import fileio
 from raydet.config import Config
+from raydet.engine.elastic import ON_RESIZE, accumulation_problem
+from raydet.engine.optim import OptimizerConfig
 from raydet.evaluation.metric_names import TRAIN_METRIC, evaluation_metric_problem, metric_problem
 from raydet.registry import ConfigError, build, build_context, build_dataclass, closest, error
 from raydet.workspace import resolve_work_dir
@@ -48,9 +50,18 @@ class EvaluationSettings:
 
 @dataclass
 class ScalingSettings:
-    """``scaling:`` section: Ray Train workers and the Ray Data augmentation actors."""
+    """``scaling:`` section: Ray Train workers and the Ray Data augmentation actors.
 
-    num_workers: int = 1
+    ``num_workers``: ``N``, or ``[min, max]`` for elastic training (Ray Train's ``ScalingConfig(num_workers=(min,
+    max))``): a run that loses a worker or node goes on from its latest checkpoint with the workers that remain
+    (at least ``min``), and grows back to at most ``max`` when capacity returns, checked every
+    ``elastic_resize_monitor_interval_s`` seconds. ``on_resize`` says what a world size does to the batch and the
+    LR (:mod:`raydet.engine.elastic`). Lost workers and nodes still count against ``max_failures``.
+    """
+
+    num_workers: int | list[int] = 1
+    on_resize: str = "scale_lr"                # scale_lr or keep_global_batch (raydet.engine.elastic)
+    elastic_resize_monitor_interval_s: float = 60.0  # Ray Train's: how often a healthy elastic run looks for room
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
@@ -60,6 +71,18 @@ class ScalingSettings:
     data_resources: dict | None = None         # e.g. {cpu_node: 0.1} to keep decoding on CPU-only nodes
     data_batch_size: int = 8                   # images per actor call
     max_failures: int = 0                      # worker-group restarts from the last checkpoint
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[-1] if self.elastic else self.num_workers
 
 
 @dataclass
@@ -80,7 +103,8 @@ class RuntimeSettings:
     tensorboard: bool = True
     progress: bool | str = "auto"        # progress bars with ETA on rank 0: true, false, or auto (when the
                                          # command's stderr is a terminal; not in log files or ray job logs)
-    imports: list[str] = field(default_factory=list)   # modules registering user hooks / components
+    imports: list[str] = field(default_factory=list)   # modules registering user hooks / components (the decode
+                                                       # actors import them when a transform type needs them)
     work_root: str | None = None         # where a relative work_dir resolves (else $RAYDET_WORK_ROOT; under a Ray
                                          # job ~/raydet_runs; else the current directory): see raydet.workspace
     shared_storage: bool = False         # declare the work dir shared by all nodes (a mount raydet does not know)
@@ -126,12 +150,14 @@ def parse_sections(cfg: Config) -> Sections:
                                     ("runtime.progress", sections.runtime.progress, (True, False, "auto")),
                                     ("train.nonfinite_loss", sections.train.nonfinite_loss, ("stop", "skip")),
                                     ("checkpoint.score_order", sections.checkpoint.score_order, ("max", "min")),
+                                    ("scaling.on_resize", sections.scaling.on_resize, ON_RESIZE),
                                     ("evaluation.voc_mode", sections.evaluation.voc_mode, ("area", "11points"))):
             if value not in allowed:
                 names = [a for a in allowed if isinstance(a, str)]
                 shown = ", ".join(a if isinstance(a, str) else str(a).lower().replace("none", "null") for a in allowed)
                 raise error(key, f"expected one of {shown}, got {value!r}{closest(str(value), names)}")
         _check_values(sections)
+        _check_world_sizes(cfg, sections)
         score, key = sections.checkpoint.score_attribute, "checkpoint.score_attribute"
         if score and sections.data.val is None and not TRAIN_METRIC.fullmatch(score):
             # e.g. `--set data.val=null` on a pipeline that ranks by bbox/AP: nothing is evaluated, so nothing
@@ -159,7 +185,6 @@ def _check_values(s: Sections) -> None:
     for key, value in (("train.max_epochs", s.train.max_epochs), ("evaluation.interval", s.evaluation.interval),
                        ("checkpoint.interval", s.checkpoint.interval), ("runtime.log_interval", s.runtime.log_interval),
                        ("data.images_per_worker", s.data.images_per_worker),
-                       ("scaling.num_workers", s.scaling.num_workers),
                        ("scaling.data_batch_size", s.scaling.data_batch_size)):
         need(value >= 1, key, ">= 1", value)
     for key, value in (("train.max_iters_per_epoch", s.train.max_iters_per_epoch),
@@ -171,6 +196,11 @@ def _check_values(s: Sections) -> None:
         need(value >= 0, key, ">= 0", value)
     need(not s.scaling.use_gpu or s.scaling.gpus_per_worker > 0, "scaling.gpus_per_worker", "> 0 with use_gpu: true",
          s.scaling.gpus_per_worker)
+    workers = s.scaling.num_workers
+    need(workers >= 1 if isinstance(workers, int) else len(workers) == 2 and 1 <= workers[0] <= workers[1],
+         "scaling.num_workers", "an int >= 1, or [min, max] with 1 <= min <= max (elastic)", workers)
+    need(s.scaling.elastic_resize_monitor_interval_s >= 0, "scaling.elastic_resize_monitor_interval_s", ">= 0",
+         s.scaling.elastic_resize_monitor_interval_s)
     need(s.scaling.max_failures >= -1, "scaling.max_failures", ">= 0 (or -1: no limit)", s.scaling.max_failures)
     actors = s.scaling.data_actors
     need(len(actors) == 2 and 1 <= actors[0] <= actors[1], "scaling.data_actors", "[min, max] with 1 <= min <= max",
@@ -187,6 +217,20 @@ def _check_values(s: Sections) -> None:
         need(n >= 1, f"evaluation.proposal_nums[{i}]", ">= 1", n)
     need(isinstance(s.seed, int) and not isinstance(s.seed, bool), "seed", "an int", s.seed)
     need(isinstance(s.work_dir, str) and bool(s.work_dir), "work_dir", "a folder path", s.work_dir)
+
+
+def _check_world_sizes(cfg: Config, s: Sections) -> None:
+    """``scaling.on_resize: keep_global_batch`` needs every world size the run may take to divide the reference
+    batch (``optimizer.base_batch_size``); the error names the keys and a reference batch that works."""
+    if s.scaling.on_resize != "keep_global_batch":
+        return
+    base = (cfg.get("optimizer") or {}).get("base_batch_size", OptimizerConfig.base_batch_size)
+    if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+        return  # parse_optimizer names it
+    problem = accumulation_problem(base, s.data.images_per_worker,
+                                   list(range(s.scaling.min_workers, s.scaling.max_workers + 1)))
+    if problem:
+        raise error("scaling.on_resize", problem)
 
 
 def build_datasets(cfg: Config, sections: Sections, splits=("train", "val")) -> dict:

@@ -10,6 +10,8 @@
 * batches: :func:`collate_detection` (raydet.data.collate)
 * precomputed proposals (Fast R-CNN): :func:`write_proposals`, :func:`read_proposals` (raydet.data.proposals; a
   dataset's ``proposal_file``)
+* semantic maps (HTC's semantic branch): :func:`read_seg_map` (raydet.data.seg_maps; a COCO dataset's
+  ``seg_prefix``)
 * Ray Data: :func:`build_ray_dataset`, :func:`iter_detection_batches` (raydet.data.ray_data; Ray is imported
   only when a dataset is built); :class:`TorchDetectionDataset` is the plain PyTorch reference loader.
 
@@ -23,6 +25,7 @@ from .ray_data import DecodeAndTransform, build_ray_dataset, iter_detection_batc
 from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Transform, rescale_size, scales_from_range
 from .augmentation import Expand, MinIoURandomCrop, PhotoMetricDistortion
 from .proposals import read_proposals, write_proposals
+from .seg_maps import read_seg_map
 
 __all__ = [
     "CollateConfig", "collate_detection", "collate_samples",
@@ -31,7 +34,7 @@ __all__ = [
     "Compose", "build_transforms", "image_rng", "load_sample", "record_to_sample", "TorchDetectionDataset",
     "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches",
     "Transform", "Resize", "RandomFlip", "Normalize", "Pad", "scales_from_range", "rescale_size",
-    "PhotoMetricDistortion", "Expand", "MinIoURandomCrop", "read_proposals", "write_proposals",
+    "PhotoMetricDistortion", "Expand", "MinIoURandomCrop", "read_proposals", "write_proposals", "read_seg_map",
 ]
 
 

@@ -4,9 +4,9 @@ names): photometric distortion, expand (zoom out on a mean-filled canvas) and mi
 Per-image transforms as in :mod:`raydet.data.transforms` (``sample_out = t(sample, rng)``, inputs never modified;
 images stay uint8 RGB). Each transform draws its random values first and then applies a deterministic method
 (``PhotoMetricDistortion.apply``, ``Expand.expand``, ``MinIoURandomCrop.crop``) that the tests call with values
-chosen by hand. Boxes, ignore boxes, proposals and instance masks (polygons or RLE) move with the image. ``Expand`` and
-``MinIoURandomCrop`` change ``img_shape`` but not ``ori_shape`` / ``scale_factor``: they are training
-augmentations, whose predictions are never mapped back to the file.
+chosen by hand. Boxes, ignore boxes, proposals, instance masks (polygons or RLE) and semantic maps move with the
+image. ``Expand`` and ``MinIoURandomCrop`` change ``img_shape`` but not ``ori_shape`` / ``scale_factor``: they are
+training augmentations, whose predictions are never mapped back to the file.
 """
 from __future__ import annotations
 
@@ -130,18 +130,23 @@ class Expand(Transform):
             ``to_rgb`` of ``Normalize``.
         ratio_range: (min, max) canvas size over image size, min >= 1.
         prob: probability of expanding.
+        seg_ignore_label: the id a semantic map's canvas is filled with (MMDetection's ``Expand(seg_ignore_label)``,
+            which has no default and needs one with semantic maps; here 255, the id the loss ignores).
 
     The canvas is ``(int(h * ratio), int(w * ratio))``; the image's top-left corner goes to
-    ``(left, top) = (int(U(0, w ratio - w)), int(U(0, h ratio - h)))`` and every box, ignore box and mask moves
-    by it.
+    ``(left, top) = (int(U(0, w ratio - w)), int(U(0, h ratio - h)))`` and every box, ignore box, mask and
+    semantic map moves by it.
     """
 
     def __init__(self, mean: Sequence[float] = (0, 0, 0), to_rgb: bool = True,
-                 ratio_range: Sequence[float] = (1, 4), prob: float = 0.5):
+                 ratio_range: Sequence[float] = (1, 4), prob: float = 0.5, seg_ignore_label: int = 255):
         if len(mean) != 3:
             raise ValueError(f"mean needs 3 values, got {list(mean)}")
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"prob must be in [0, 1], got {prob}")
+        if not 0 <= int(seg_ignore_label) <= 255:
+            raise ValueError(f"seg_ignore_label must be a uint8 class id in [0, 255], got {seg_ignore_label}")
+        self.seg_ignore_label = int(seg_ignore_label)
         self.mean = tuple(float(m) for m in mean)
         self.to_rgb = bool(to_rgb)
         self.ratio_range = _pair(ratio_range, "ratio_range", lo=1.0)
@@ -190,6 +195,10 @@ class Expand(Transform):
                 else:
                     masks.append(_shift_polygons(m, left, top))
             out["masks"] = masks
+        if sample.get("seg_map") is not None:
+            seg = np.full((new_h, new_w), self.seg_ignore_label, dtype=np.uint8)
+            seg[top:top + h, left:left + w] = sample["seg_map"]
+            out["seg_map"] = seg
         return out
 
 
@@ -203,7 +212,7 @@ class MinIoURandomCrop(Transform):
     mode and that contains the centre of at least one box is taken; after 50 failures a new mode is drawn
     (MMDetection's loop). Boxes whose centre lies strictly inside the patch are kept, clipped to it (with
     ``bbox_clip_border``) and shifted; the others are dropped with their labels and masks. An image without boxes is
-    cropped by the first patch of valid shape.
+    cropped by the first patch of valid shape. A semantic map is cropped to the patch with the image.
 
     MMDetection draws the patch's left edge from ``numpy.random.uniform(w - new_w)``, i.e. between ``w - new_w`` and
     1 (NumPy's default ``high`` = 1); raydet draws it from U(0, w - new_w), the paper's uniform position.
@@ -296,4 +305,6 @@ class MinIoURandomCrop(Transform):
                 else:
                     masks.append(_shift_polygons(m, -x1, -y1))
             out["masks"] = masks
+        if sample.get("seg_map") is not None:
+            out["seg_map"] = np.ascontiguousarray(sample["seg_map"][y1:y2, x1:x2])
         return out

@@ -31,7 +31,9 @@ def collate_detection(samples: list[dict], cfg: CollateConfig, with_masks: bool 
     Images are stacked as uint8 (B, H, W, 3) with H, W the largest ``img_shape`` rounded up to
     ``cfg.size_divisor``, moved to ``device`` (default: stay on the CPU), converted to float32, normalised and
     zeroed outside each image's ``img_shape``. Boxes, labels, ignore boxes and proposals go to ``device`` too. With
-    ``with_masks``, each sample's ``masks`` (polygons or RLE at img_shape) become uint8 (n, h, w) bitmaps.
+    ``with_masks``, each sample's ``masks`` (polygons or RLE at img_shape) become uint8 (n, h, w) bitmaps. Samples
+    with a ``seg_map`` (uint8 (h, w) at img_shape; every sample or none) give ``gt_semantic_seg``, uint8 (B, H, W)
+    over the padded batch, 255 (ignored) outside each image (MMDetection's ``seg_pad_value``).
     """
     if not samples:
         raise ValueError("collate_detection needs at least one sample")
@@ -83,7 +85,27 @@ def collate_detection(samples: list[dict], cfg: CollateConfig, with_masks: bool 
     if any(s.get("proposals") is not None for s in samples):
         batch["proposals"] = [_to(_tensor(s.get("proposals", np.zeros((0, 4))), np.float32, (-1, 4)), device)
                               for s in samples]
+    seg_maps = [s.get("seg_map") for s in samples]
+    if any(m is not None for m in seg_maps):
+        batch["gt_semantic_seg"] = _to(_pad_seg_maps(seg_maps, metas, height, width), device)
     return batch
+
+
+def _pad_seg_maps(seg_maps: list, metas: list[dict], height: int, width: int) -> torch.Tensor:
+    """uint8 (h, w) maps, each of its image's ``img_shape`` -> uint8 (B, height, width), padded with 255 (ignored)."""
+    from .seg_maps import SEG_IGNORE_INDEX
+
+    out = np.full((len(seg_maps), height, width), SEG_IGNORE_INDEX, dtype=np.uint8)
+    for i, (m, meta) in enumerate(zip(seg_maps, metas)):
+        if m is None:
+            raise ValueError(f"image {meta['image_id']}: no semantic map (seg_map) while other images of the batch "
+                             f"have one")
+        m = np.asarray(m)
+        if m.shape != tuple(meta["img_shape"][:2]):
+            raise ValueError(f"image {meta['image_id']}: semantic map of shape {m.shape}, image of "
+                             f"{tuple(meta['img_shape'][:2])}")
+        out[i, :m.shape[0], :m.shape[1]] = m
+    return torch.from_numpy(out)
 
 
 def collate_samples(samples, size_divisor: int = 32, with_masks: bool = False, mean=IMAGENET_MEAN,
@@ -93,7 +115,8 @@ def collate_samples(samples, size_divisor: int = 32, with_masks: bool = False, m
     Args:
         samples: list of ``(image HxWx3 uint8 RGB, record)``; each record may also carry ``ori_shape``,
             ``scale_factor`` (sx, sy) and ``flip`` when the image was resized / flipped (defaults: identity), and
-            ``proposals`` (k, 4) in the image's pixels (then the batch carries ``proposals``).
+            ``proposals`` (k, 4) in the image's pixels (then the batch carries ``proposals``), and ``seg_map``
+            uint8 (h, w) class ids (then the batch carries ``gt_semantic_seg``, padded with 255).
         with_masks: rasterise ``record["masks"]`` to (n, h, w) uint8 bitmaps as ``gt_masks``.
     """
     images, metas, boxes, labels, ignores, masks = [], [], [], [], [], []
@@ -128,4 +151,7 @@ def collate_samples(samples, size_divisor: int = 32, with_masks: bool = False, m
     if any(rec.get("proposals") is not None for _, rec in samples):
         batch["proposals"] = [_tensor(rec.get("proposals", np.zeros((0, 4))), np.float32, (-1, 4))
                               for _, rec in samples]
+    seg_maps = [rec.get("seg_map") for _, rec in samples]
+    if any(m is not None for m in seg_maps):
+        batch["gt_semantic_seg"] = _pad_seg_maps(seg_maps, metas, *batch_images.shape[-2:])
     return batch

@@ -27,13 +27,14 @@ from typing import Any, Literal
 import numpy as np
 
 from raydet import fileio
-from raydet.masks import valid_polygons
+from raydet.masks import valid_polygons, valid_polygons_many
 from raydet.registry import register
 
 from .image_io import (CorruptImageError, ImageSizeMismatchError, check_exif_orientation, image_file_ends,
                        image_file_problem, read_image, read_image_header, resolve_orientation, size_text)
 from .pipeline import build_transforms
 from .proposals import attach_proposals
+from .seg_maps import check_seg_maps, seg_map_path
 from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
@@ -227,9 +228,10 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
-def _read_segmentation(seg, height: int, width: int) -> tuple[Any, str | None]:
+def _read_segmentation(seg, height: int, width: int, checked=None) -> tuple[Any, str | None]:
     """A COCO segmentation as records hold it (an RLE dict as it is; polygons as their
-    :func:`~raydet.masks.valid_polygons`), and why it is not usable (None when it is)."""
+    :func:`~raydet.masks.valid_polygons`), and why it is not usable (None when it is). ``checked``: for polygons,
+    what :func:`~raydet.masks.valid_polygons_many` found for ``seg`` (its valid polygons or its ValueError)."""
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if size is None or counts is None:
@@ -244,8 +246,10 @@ def _read_segmentation(seg, height: int, width: int) -> tuple[Any, str | None]:
         return seg, None
     if not isinstance(seg, list) or not seg:
         return seg, f"expected a non-empty list of polygons or an RLE dict, got {type(seg).__name__}"
-    try:
-        usable = valid_polygons(seg)  # the one rule of raydet.masks, shared with training and evaluation
+    try:  # the one rule of raydet.masks, shared with training and evaluation
+        usable = valid_polygons(seg) if checked is None else checked
+        if isinstance(usable, ValueError):
+            raise usable
     except ValueError as exc:
         return seg, str(exc)
     if not usable:
@@ -447,6 +451,13 @@ class CocoDataset(DetectionDataset):
             annotation file does not have, is an error naming the ids.
         num_max_proposals: the best-scored proposals kept per image (MMDetection's ``LoadProposals``; default 2000,
             null: all).
+        seg_prefix: a folder of semantic maps, one PNG of class ids per image named like its ``file_name`` with
+            ``.png`` (COCO-stuff's ``stuffthingmaps``, for HTC's semantic branch; :mod:`raydet.data.seg_maps`): each
+            record gets ``seg_map_path``, and the samples a ``seg_map`` that the transforms move with the image (the
+            batch's ``gt_semantic_seg``). With ``check_images``, every map is looked at when the annotations are
+            read: a missing map (``missing_seg_map``), an unreadable or multi-channel one (``bad_seg_map``) or one
+            whose size is not the image's (``seg_map_size_mismatch``) is a problem naming the map and the image,
+            handled by ``on_error``.
 
     Crowd annotations (``iscrowd=1``, or ``ignore=1``) become ignored boxes. Boxes go from xywh to xyxy; a box
     that sticks out of the image by at most 1 px is clipped, further out it is an error, as is a non-positive
@@ -457,10 +468,11 @@ class CocoDataset(DetectionDataset):
                  filter_empty_gt: bool = False, with_masks: bool = False, num_classes: int | None = None,
                  classes: Sequence[str] | None = None, on_error: OnError = "fail", check_images: CheckImages = True,
                  exif_orientation: ExifOrientation = "auto", proposal_file: str | None = None,
-                 num_max_proposals: int | None = 2000):
+                 num_max_proposals: int | None = 2000, seg_prefix: str | None = None):
         _check_on_error(on_error)
         _check_check_images(check_images)
         self.exif_orientation = check_exif_orientation(exif_orientation)
+        self.seg_prefix = str(seg_prefix) if seg_prefix else None
         classes = _class_names(classes, f"CocoDataset({ann_file})")
         self.ann_file, self.img_prefix = str(ann_file), str(img_prefix)
         self.sources = self.ann_file
@@ -472,10 +484,15 @@ class CocoDataset(DetectionDataset):
         problems = _Problems(self.ann_file)
         images = self._read_images(data["images"], problems)
         records = self._read_annotations(data.get("annotations", []), images, problems)
+        describe = lambda r: f"image id {r['image_id']} (file_name {r['file_name']!r})"  # noqa: E731
+        if self.seg_prefix:
+            for r in records:
+                r["seg_map_path"] = seg_map_path(self.seg_prefix, r["file_name"])
         if check_images:
-            records = check_image_files(
-                records, problems, lambda r: f"image id {r['image_id']} (file_name {r['file_name']!r})",
-                self.exif_orientation, "decode" if check_images == "decode" else "header")
+            records = check_image_files(records, problems, describe, self.exif_orientation,
+                                        "decode" if check_images == "decode" else "header")
+            if self.seg_prefix:
+                records = check_seg_maps(records, problems, describe)
         problems.resolve(on_error)
         self.problems = problems
         self._coco_gt = None
@@ -607,8 +624,12 @@ class CocoDataset(DetectionDataset):
         reject(nonpos, "nonpositive_box", lambda i: f"bbox {anns[i].get('bbox')} has no area inside the image")
         segmentations: dict[int, Any] = {}
         if self.with_masks:
-            for i in np.flatnonzero(keep):
-                seg, why = _read_segmentation(anns[i].get("segmentation"), int(heights[i]), int(widths[i]))
+            kept = np.flatnonzero(keep).tolist()
+            segs = [anns[i].get("segmentation") for i in kept]
+            lists = [k for k, s in enumerate(segs) if type(s) is list and s]
+            checked = dict(zip(lists, valid_polygons_many([segs[k] for k in lists])))  # all polygons at once
+            for k, i in enumerate(kept):
+                seg, why = _read_segmentation(segs[k], int(heights[i]), int(widths[i]), checked.get(k))
                 if why is not None:
                     problems.add("malformed_segmentation", f"{describe(i)}: segmentation: {why} "
                                  f"(annotation dropped)")

@@ -20,6 +20,7 @@ import numpy as np
 from raydet.registry import build, current_path
 
 from .image_io import size_text
+from .seg_maps import read_seg_map
 from .transforms import BatchTransform, CollateConfig, Normalize, Pad, Transform
 
 __all__ = ["Compose", "build_transforms", "image_rng", "record_to_sample", "load_sample", "TorchDetectionDataset"]
@@ -87,17 +88,23 @@ def image_rng(seed: int, epoch: int, image_id: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(epoch), int(image_id)])
 
 
-def record_to_sample(record: dict, image: np.ndarray, with_masks: bool = False) -> dict:
+def record_to_sample(record: dict, image: np.ndarray, with_masks: bool = False,
+                     seg_map: np.ndarray | None = None) -> dict:
     """A record (raydet.structures) and its decoded image -> an untransformed sample (raydet.data.transforms).
 
     Ignored (crowd / difficult) boxes go to ``ignore_boxes``; with ``with_masks`` the masks of the non-ignored
     instances are kept; a record's ``proposals`` (raydet.data.proposals) are kept. The image must have the record's
-    (height, width).
+    (height, width). ``seg_map``: the image's uint8 (h, w) semantic map (raydet.data.seg_maps), the sample's
+    ``seg_map``; it must have the image's size.
     """
     h, w = image.shape[:2]
     if (h, w) != (int(record["height"]), int(record["width"])):
         raise ValueError(f"image id {record['image_id']} ({record.get('file_name', '')}): the decoded image is "
                          f"{size_text(h, w)} but the annotations say {size_text(record['height'], record['width'])}")
+    if seg_map is not None and tuple(np.shape(seg_map)) != (h, w):
+        raise ValueError(f"image id {record['image_id']} ({record.get('file_name', '')}): the semantic map "
+                         f"{record.get('seg_map_path', '')} is {size_text(*np.shape(seg_map)[:2])} but the image is "
+                         f"{size_text(h, w, words=False)}")
     boxes = np.asarray(record["boxes"], np.float32).reshape(-1, 4)
     ignore = np.asarray(record.get("ignore", np.zeros(len(boxes), bool)), bool).reshape(-1)
     keep = ~ignore
@@ -120,13 +127,20 @@ def record_to_sample(record: dict, image: np.ndarray, with_masks: bool = False) 
         sample["masks"] = [masks[i] for i in np.flatnonzero(keep)]
     if record.get("proposals") is not None:
         sample["proposals"] = np.asarray(record["proposals"], np.float32).reshape(-1, 4)
+    if seg_map is not None:
+        sample["seg_map"] = np.asarray(seg_map, np.uint8)
     return sample
 
 
 def load_sample(load_image: Callable[[dict], np.ndarray], record: dict, transforms: Callable, *, seed: int = 0,
                 epoch: int = 0, with_masks: bool = False) -> dict:
-    """Load, convert and transform one record with the generator :func:`image_rng(seed, epoch, image_id)`."""
-    sample = record_to_sample(record, load_image(record), with_masks)
+    """Load, convert and transform one record with the generator :func:`image_rng(seed, epoch, image_id)`; a
+    record's ``seg_map_path`` (a dataset's ``seg_prefix``) is read with :func:`raydet.data.seg_maps.read_seg_map`."""
+    image = load_image(record)
+    seg_map = None
+    if record.get("seg_map_path"):
+        seg_map = read_seg_map(record["seg_map_path"], record.get("image_id"), image.shape[:2])
+    sample = record_to_sample(record, image, with_masks, seg_map)
     return transforms(sample, image_rng(seed, epoch, record["image_id"]))
 
 

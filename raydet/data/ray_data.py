@@ -9,8 +9,8 @@ Flow (one Ray Dataset per pass over the data)::
 Light rows (the input) carry ``index, image_id, epoch, img_path, file_name, height, width``, ``orientation`` (the
 EXIF orientation the decoder applies, decided by the reader; 0 = not decided, the loader resolves its policy), the
 annotation arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool, with masks
-``masks_json`` (the record's polygons / RLE as a JSON string) and, when the dataset has a ``proposal_file``,
-``proposals`` (p, 4) float32. Output rows carry
+``masks_json`` (the record's polygons / RLE as a JSON string), when the dataset has a ``proposal_file``,
+``proposals`` (p, 4) float32, and when it has a ``seg_prefix``, ``seg_map_path`` (str). Output rows carry
 
     image         uint8 (h, w, 3) RGB, after the per-image transforms (uint8 keeps object-store traffic 4x lower)
     boxes         float32 (n, 4) (n may be 0), labels int64 (n,), ignore_boxes float32 (k, 4)
@@ -18,6 +18,8 @@ annotation arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n
     image_id, index, epoch, ori_h, ori_w (int64), scale_x, scale_y (float64), flip (bool)
     masks         (with masks) str: the n instance masks as compressed COCO RLE at the transformed size, their
                   ``counts`` joined by single spaces ("" when n == 0). RLE counts use the characters 48..111 only.
+    seg_map       (with a ``seg_prefix``) uint8 (h, w): the semantic map after the image's transforms (a dense
+                  map of up to 256 ids, carried as the image is: a tensor column, a third of the image's bytes)
     error         str: "" or, for an image that could not be used under the training dataset's ``on_error: skip``
                   (missing, corrupt, a size that fits no frame), why; the row then holds a 1x1 placeholder image
                   and :func:`iter_detection_batches` puts a copy of another image of the epoch in its place.
@@ -100,6 +102,8 @@ def record_to_row(record: dict, index: int, epoch: int, with_masks: bool) -> dic
         row["masks_json"] = json.dumps([_json_safe_mask(m) for m in record["masks"]])
     if record.get("proposals") is not None:
         row["proposals"] = np.asarray(record["proposals"], np.float32).reshape(-1, 4)
+    if record.get("seg_map_path"):
+        row["seg_map_path"] = str(record["seg_map_path"])
     return row
 
 
@@ -121,6 +125,8 @@ def row_to_record(batch: dict, i: int, with_masks: bool) -> dict:
         record["masks"] = json.loads(str(batch["masks_json"][i]))
     if "proposals" in batch:
         record["proposals"] = np.asarray(batch["proposals"][i], np.float32).reshape(-1, 4)
+    if "seg_map_path" in batch:
+        record["seg_map_path"] = str(batch["seg_map_path"][i])
     return record
 
 
@@ -143,6 +149,8 @@ def sample_to_row(sample: dict, with_masks: bool) -> dict:
         row["masks"] = encode_masks(sample["masks"], h, w)
     if sample.get("proposals") is not None:
         row["proposals"] = np.asarray(sample["proposals"], np.float32).reshape(-1, 4)
+    if sample.get("seg_map") is not None:
+        row["seg_map"] = np.ascontiguousarray(sample["seg_map"], dtype=np.uint8)
     return row
 
 
@@ -166,6 +174,8 @@ def row_to_sample(batch: dict, i: int, with_masks: bool) -> dict:
         sample["masks"] = decode_masks(batch["masks"][i], h, w)
     if "proposals" in batch:
         sample["proposals"] = np.asarray(batch["proposals"][i], np.float32).reshape(-1, 4)
+    if "seg_map" in batch:
+        sample["seg_map"] = np.asarray(batch["seg_map"][i], np.uint8)
     return sample
 
 
@@ -194,14 +204,30 @@ class DecodeAndTransform:
         on_error: ``"fail"``: an image that cannot be used (OSError: missing, :class:`CorruptImageError`, a size
             that fits no frame) raises, naming the file; ``"skip"``: its row carries the reason in ``error`` (see
             the module docstring).
+        imports: the pipeline's ``runtime.imports``, for user transforms they register: when the pipeline names a
+            type that is not registered, these modules are imported in order until it builds (a pipeline of
+            raydet's own transforms imports none of them: an actor starts in a fraction of a second).
     """
 
-    def __init__(self, loader, pipeline: list, seed: int = 0, with_masks: bool = False, on_error: str = "fail"):
+    def __init__(self, loader, pipeline: list, seed: int = 0, with_masks: bool = False, on_error: str = "fail",
+                 imports: tuple = ()):
+        import importlib
+
         import cv2
+
+        from raydet.registry import ConfigError
 
         cv2.setNumThreads(1)  # one thread per actor: the actors are the parallelism
         self.loader = loader
-        self.transforms, _ = build_transforms(pipeline)
+        pending = list(imports)
+        while True:
+            try:
+                self.transforms, _ = build_transforms(pipeline)
+                break
+            except ConfigError:
+                if not pending:
+                    raise
+                importlib.import_module(pending.pop(0))
         self.seed = seed
         self.with_masks = with_masks
         self.on_error = on_error
@@ -223,6 +249,8 @@ class DecodeAndTransform:
                           "flip": False, "masks": []}
                 if "proposals" in record:  # every row of the dataset has the same columns
                     sample["proposals"] = np.zeros((0, 4), np.float32)
+                if "seg_map_path" in record:
+                    sample["seg_map"] = np.full((1, 1), 255, np.uint8)
                 error = str(exc)
             row = sample_to_row(sample, self.with_masks)
             row["error"] = error
@@ -245,7 +273,7 @@ def _pool_sizes(num_actors: int | tuple[int, int]) -> tuple[int, int]:
 def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
                       num_actors: int | tuple[int, int] = 1, num_cpus_per_actor: float = 0.5,
                       actor_batch_size: int = 8, resources: dict | None = None, num_epochs: int = 1,
-                      shard: tuple[int, int] | None = None):
+                      shard: tuple[int, int] | None = None, imports: tuple = ()):
     """A ``ray.data.Dataset`` of transformed images (one row per image, see the module docstring).
 
     Args:
@@ -270,6 +298,8 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
             separately, each row augmented with its own epoch), so one actor pool serves several epochs.
         shard: ``(rank, world_size)``: only records ``rank::world_size`` of each epoch's order (per-worker
             datasets with exact coverage, e.g. for distributed evaluation).
+        imports: modules that register user transforms (``runtime.imports``), imported by the actors when the
+            pipeline needs them (:class:`DecodeAndTransform`).
     """
     import ray
 
@@ -302,7 +332,8 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
         DecodeAndTransform,
         fn_constructor_kwargs={"loader": dataset.image_loader(), "pipeline": list(dataset.pipeline), "seed": seed,
                                "with_masks": with_masks,
-                               "on_error": getattr(dataset, "on_error", "fail") if train else "fail"},
+                               "on_error": getattr(dataset, "on_error", "fail") if train else "fail",
+                               "imports": tuple(imports)},
         batch_size=actor_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=lo, max_size=hi),

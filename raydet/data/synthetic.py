@@ -30,10 +30,12 @@ def _shape_polygon(kind: int, cx: float, cy: float, w: float, h: float, rng: np.
 
 
 def make_shape_sample(image_id: int, height: int = 128, width: int = 128, max_objects: int = 3,
-                      min_size: int = 20, max_size: int | None = None, seed: int = 0):
+                      min_size: int = 20, max_size: int | None = None, seed: int = 0, with_seg: bool = False):
     """One image (HxWx3 uint8 RGB) and its record (see raydet.structures) with 1..max_objects shapes.
 
-    Shapes do not overlap (rejection sampling on boxes), so every instance is fully visible.
+    Shapes do not overlap (rejection sampling on boxes), so every instance is fully visible. ``with_seg``: the record
+    also carries ``seg_map``, uint8 (height, width) semantic class ids painted from the same instance bitmaps: label
+    + 1 on each shape's pixels, 0 on the background (4 semantic classes); the draws, and so the image, are unchanged.
     """
     rng = np.random.default_rng([seed, image_id])
     max_size = max_size or max(min_size + 1, min(height, width) // 2)
@@ -41,6 +43,7 @@ def make_shape_sample(image_id: int, height: int = 128, width: int = 128, max_ob
     image = np.clip(background + rng.normal(0, 8, size=(height, width, 3)), 0, 255).astype(np.uint8)
 
     boxes, labels, polygons = [], [], []
+    seg_map = np.zeros((height, width), dtype=np.uint8)
     for _ in range(int(rng.integers(1, max_objects + 1))):
         for _attempt in range(50):
             w, h = rng.uniform(min_size, max_size, size=2)
@@ -55,7 +58,9 @@ def make_shape_sample(image_id: int, height: int = 128, width: int = 128, max_ob
             continue
         colour = tuple(int(c) for c in rng.integers(120, 256, size=3))
         # (OpenCV's fillPoly would put pixel centres at integer coordinates: half a pixel off the annotations.)
-        image[polygons_to_bitmap([poly.reshape(-1).tolist()], height, width).astype(bool)] = colour
+        inside = polygons_to_bitmap([poly.reshape(-1).tolist()], height, width).astype(bool)
+        image[inside] = colour
+        seg_map[inside] = kind + 1
         boxes.append(box)
         labels.append(kind)
         polygons.append([poly.reshape(-1).astype(float).tolist()])
@@ -70,6 +75,8 @@ def make_shape_sample(image_id: int, height: int = 128, width: int = 128, max_ob
         "ignore": np.zeros(len(labels), dtype=bool),
         "masks": polygons,
     }
+    if with_seg:
+        record["seg_map"] = seg_map
     return image, record
 
 
@@ -78,7 +85,9 @@ def _disjoint(a, b, margin: float) -> bool:
 
 
 def make_shapes_dataset(num_images: int, height: int = 128, width: int = 128, max_objects: int = 3,
-                        min_size: int = 20, max_size: int | None = None, seed: int = 0, start_id: int = 1):
-    """``num_images`` (image, record) pairs, deterministic for a given seed."""
-    return [make_shape_sample(start_id + i, height, width, max_objects, min_size, max_size, seed)
+                        min_size: int = 20, max_size: int | None = None, seed: int = 0, start_id: int = 1,
+                        with_seg: bool = False):
+    """``num_images`` (image, record) pairs, deterministic for a given seed (``with_seg``: see
+    :func:`make_shape_sample`)."""
+    return [make_shape_sample(start_id + i, height, width, max_objects, min_size, max_size, seed, with_seg)
             for i in range(num_images)]

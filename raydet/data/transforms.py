@@ -10,6 +10,8 @@ A transform is a callable object ``sample_out = t(sample, rng)`` where ``rng`` i
     ignore_boxes  float32 (k, 4) crowd / difficult regions
     proposals     optional float32 (p, 4) precomputed proposals (Fast R-CNN), moved with the image as boxes are
     masks         optional list of n instance masks (polygons or COCO RLE dicts, see raydet.masks), at ``image``'s size
+    seg_map       optional uint8 (h, w) semantic class ids at ``image``'s size (raydet.data.seg_maps; 255 = ignored),
+                  moved with nearest-neighbour sampling so no new ids appear
     image_id      int
     ori_shape     (h0, w0) size of the decoded file
     img_shape     (h, w) current size of ``image``
@@ -166,7 +168,10 @@ class Resize(Transform):
 
     Boxes and proposals are multiplied by the actual ``(new_w / w, new_h / h)`` and clipped to the new image.
     Polygon masks are scaled the same way; RLE masks are decoded, resized with nearest-neighbour and re-encoded (RLE,
-    str counts). ``scale_factor`` accumulates over successive resizes (it is always img_shape / ori_shape).
+    str counts). A ``seg_map`` is resized to the new image size with nearest-neighbour (OpenCV's ``INTER_NEAREST``,
+    as MMDetection's ``Resize`` does to ``gt_seg_map``): pixel (x, y) takes source pixel
+    (floor(x * w / new_w), floor(y * h / new_h)). ``scale_factor`` accumulates over successive resizes (it is always
+    img_shape / ori_shape).
     """
 
     def __init__(self, scale: Sequence[int] | Sequence[Sequence[int]], keep_ratio: bool = True,
@@ -222,6 +227,8 @@ class Resize(Transform):
         if sample.get("masks") is not None:
             out["masks"] = [_resize_rle(m, h, w, new_h, new_w) if isinstance(m, dict) else _scale_polygons(m, sx, sy)
                             for m in sample["masks"]]
+        if sample.get("seg_map") is not None and (new_h, new_w) != (h, w):
+            out["seg_map"] = cv2.resize(sample["seg_map"], (new_w, new_h), interpolation=cv2.INTER_NEAREST)
         old_sx, old_sy = sample.get("scale_factor", (1.0, 1.0))
         out["scale_factor"] = (float(old_sx) * sx, float(old_sy) * sy)
         out["img_shape"] = (new_h, new_w)
@@ -230,7 +237,8 @@ class Resize(Transform):
 
 @register
 class RandomFlip(Transform):
-    """Flip the image horizontally with probability ``prob``: x1' = w - x2, x2' = w - x1; polygons x' = w - x.
+    """Flip the image horizontally with probability ``prob``: x1' = w - x2, x2' = w - x1; polygons x' = w - x;
+    a ``seg_map``'s columns are reversed with the image's.
 
     Only ``direction="horizontal"`` is supported: it is the flip that the models' post-processing undoes
     (``img_metas[i]["flip"]``).
@@ -262,6 +270,8 @@ class RandomFlip(Transform):
         if sample.get("masks") is not None:
             out["masks"] = [_flip_rle(m, h, w) if isinstance(m, dict) else _flip_polygons(m, w)
                             for m in sample["masks"]]
+        if sample.get("seg_map") is not None:
+            out["seg_map"] = np.ascontiguousarray(sample["seg_map"][:, ::-1])
         return out
 
 
@@ -287,7 +297,8 @@ class Normalize(BatchTransform):
 
 @register
 class Pad(BatchTransform):
-    """Zero-pad each image (after normalisation) so that H and W are multiples of ``size_divisor`` (batch-level)."""
+    """Zero-pad each image (after normalisation) so that H and W are multiples of ``size_divisor`` (batch-level);
+    semantic maps are padded with 255, the ignored id (MMDetection's ``seg_pad_value``)."""
 
     def __init__(self, size_divisor: int = 32):
         if size_divisor < 1:

@@ -147,20 +147,30 @@ class OptimizerHook(Hook):
     Args:
         grad_clip: ``{max_norm, norm_type}`` or None.
         fp16_scaler: use a GradScaler (set for ``amp: fp16``).
-        nonfinite: "stop" raises NonFiniteLossError naming the iteration and loss terms; "skip" drops the step.
+        nonfinite: "stop" raises NonFiniteLossError naming the iteration and loss terms; "skip" drops the step
+            (with ``accumulation``, the gradients gathered so far in its group too).
         device: the device type the model trains on ("cuda", "cpu"); the GradScaler works on it.
+        accumulation: iterations per optimizer step (``scaling.on_resize: keep_global_batch``,
+            :mod:`raydet.engine.elastic`): each iteration's loss is divided by it and its gradients add up, so a
+            step sees the mean over ``accumulation`` batches; the last group of an epoch steps at the epoch's end
+            even when it is shorter, with its gradients rescaled to the mean over its batches. Gradient clipping
+            applies to that mean.
     """
 
     priority = Priority.HIGH
 
     def __init__(self, grad_clip: dict | None = None, fp16_scaler: bool = False, nonfinite: str = "stop",
-                 device: str = "cuda"):
+                 device: str = "cuda", accumulation: int = 1):
         if nonfinite not in ("stop", "skip"):
             raise ValueError(f"nonfinite must be 'stop' or 'skip', got {nonfinite!r}")
+        if accumulation < 1:
+            raise ValueError(f"accumulation must be >= 1, got {accumulation}")
         self.grad_clip = grad_clip
         self.scaler = torch.amp.GradScaler(device) if fp16_scaler else None
         self.nonfinite = nonfinite
         self.skipped = 0
+        self.accumulation = int(accumulation)
+        self.pending = 0  # iterations whose gradients wait for the next step
 
     def after_train_iter(self, runner):
         bad = [k for k, v in runner.losses.items() if k.startswith("loss") and not torch.isfinite(v).all()]
@@ -172,14 +182,34 @@ class OptimizerHook(Hook):
             self.skipped += 1
             log.warning("%s; step skipped", message)
             runner.optimizer.zero_grad(set_to_none=True)
+            self.pending = 0
             return
         opt = runner.optimizer
-        opt.zero_grad(set_to_none=True)
+        if self.pending == 0:
+            opt.zero_grad(set_to_none=True)
+        loss = runner.loss / self.accumulation if self.accumulation > 1 else runner.loss
         if self.scaler is not None:
-            self.scaler.scale(runner.loss).backward()
-            self.scaler.unscale_(opt)
+            self.scaler.scale(loss).backward()
         else:
-            runner.loss.backward()
+            loss.backward()
+        self.pending += 1
+        if self.pending >= self.accumulation:
+            self.step(runner)
+
+    def after_train_epoch(self, runner):
+        if self.pending:  # the epoch's last, shorter accumulation group
+            self.step(runner)
+
+    def step(self, runner):
+        opt = runner.optimizer
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if 0 < self.pending < self.accumulation:  # a short group: the mean over the batches it has
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(self.accumulation / self.pending)
+        self.pending = 0
         if self.grad_clip:
             params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, **self.grad_clip)

@@ -170,6 +170,7 @@ class Runner:
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "epoch": self.epoch, "iter": self.iter,
+            "world_size": self.world_size,  # a resumed run with another one logs a resize (raydet.train)
             "torch_rng": torch.get_rng_state(),
             "meta": self.meta,
         }

@@ -11,7 +11,12 @@ and OHEM (``faster-rcnn_r50_fpn_ohem_1x_coco``), Cascade (Mask) R-CNN (``cascade
 Double-Head R-CNN (``dh-faster-rcnn_r50_fpn_1x_coco``) and Grid R-CNN (``grid-rcnn_r50_fpn_gn-head_2x_coco``;
 raydet keeps the names of both heads' layers: ``res_block``, ``conv_branch``, ``fc_branch``, ``grid_head.*``),
 Mask Scoring R-CNN (``ms-rcnn_r50-caffe_fpn_1x_coco``; the MaskIoU head's plain ``convs.i`` / ``fcs.i`` /
-``fc_mask_iou`` keep their names).
+``fc_mask_iou`` keep their names), HRNet (``faster-rcnn`` / ``mask-rcnn`` ``_hrnetv2p-w18-1x_coco`` and the W32 / W40
+and cascade pipelines; the HRNet backbone keeps MMDetection's names, HRFPN's ConvModules as below), Mask R-CNN
+with GN + Weight Standardization (``mask-rcnn_r50_fpn_gn-ws-all_2x_coco``: ConvWS keeps ``nn.Conv2d``'s names; a
+GN ResNet's ``gnK`` norms are ``bnK`` here), GCNet (``mask-rcnn_r50-gcb-r4-c3-c5_fpn_1x_coco`` and r16) and
+generalized attention (``faster-rcnn_r50-attn1111_fpn_1x_coco`` / ``attn0010``): a ResNet's plugins keep
+MMDetection's names (``layerI.J.context_block.*``, ``layerI.J.gen_attention_block.*`` with mmcv's layers).
 A checkpoint file is MMDetection's
 ``{"meta": {...}, "state_dict": {...}}``;
 :func:`raydet.interop.convert_checkpoint` reads the class names from ``meta['dataset_meta']['classes']`` (3.x) or
@@ -28,9 +33,12 @@ differs is the nesting of layers:
 =====================================================  ===================================================
 MMDetection                                            raydet
 =====================================================  ===================================================
+``backbone.[layerS.B.]gnK`` (a GN ResNet, K = 1..3)     ``backbone.[layerS.B.]bnK`` (every norm type)
 ``neck.lateral_convs.i.conv`` / ``.bn`` / ``.gn``      ``neck.lateral_convs.i.0`` / ``.1``
 ``neck.fpn_convs.i.conv`` (i < L lateral convs)        ``neck.fpn_convs.i.0``
 ``neck.fpn_convs.i.conv`` (i >= L: extra levels)       ``neck.extra_convs.(i - L).0``
+``neck.reduction_conv.conv``, ``.fpn_convs.l.conv``     ``neck.reduction_conv.0``, ``neck.fpn_convs.l.0``
+(HRFPN: no lateral convs, one fpn_conv per level)
 ``neck.j.*`` (neck lists: Libra's ``[FPN, BFP]``)      ``neck.j.*``, the same rules; BFP's non-local block
 ``neck.j.refine.{g,theta,phi,conv_out}.conv``          ``neck.j.refine.{g,theta,phi,conv_out}`` (plain convs)
 ``bbox_head.*`` (3.x RPN detector) or ``rpn_head.*``    ``rpn_head.*`` (RPN, GA-RPN, two-stage detectors)
@@ -83,6 +91,10 @@ _CONV_RELU = r"roi_head\.(mask_head\.\d+\.conv_res|semantic_head\.conv_embedding
 # are plain convs here; a ``conv`` refine's ``refine.conv`` is entry 0 of a (conv, ReLU) Sequential
 _BFP_REFINE = r"neck\.(\d+)\.refine(?:\.(g|theta|phi|conv_out))?"
 _PART = {"conv": 0, "bn": 1, "gn": 1}  # mmcv ConvModule's layer names (norm: "bn" for BN / SyncBN, "gn" for GN)
+# MMDetection's ResNet names its stem and block norms by the norm type (``gn1``..``gn3`` with GN, e.g.
+# ``mask-rcnn_r50_fpn_gn-ws-all_2x_coco``); raydet's are ``bn1``..``bn3`` whatever the type (torchvision's names)
+_BACKBONE_GN = r"^backbone\.((?:layer\d+\.\d+\.)?)gn([123])\.(weight|bias)$"
+_BACKBONE_NORM = r"^backbone\.((?:layer\d+\.\d+\.)?)bn([123])\.(weight|bias)$"
 
 # Layers whose keys are the same on both sides, by the detectors that have them (the backbone's keys, ResNet's and
 # SSD's VGG's, pass unchanged too). An RPN detector's head is ``rpn_head`` here (see ``_rpn_only``).
@@ -101,6 +113,7 @@ _SAME_NAMES = [
     r"roi_head\.bbox_head\.(?:res_block|conv_branch|fc_branch)\..+",                 # Double-Head R-CNN
     r"roi_head\.grid_head\..+",                                                    # Grid R-CNN
     r"roi_head\.mask_iou_head\.(?:convs\.\d+|fcs\.\d+|fc_mask_iou)\.(?:weight|bias)",  # Mask Scoring R-CNN
+    r"roi_head\.bbox_roi_extractor\.roi_layers\.\d+\.(?:offset|mask)_fc\.\d+\.(?:weight|bias)",  # (M)DPool
 ]
 _SAME = re.compile(r"^(?:backbone\..+|" + "|".join(_SAME_NAMES) + r")$")
 # SSDHead's per-level classifier and regressor: the same names, another prior order (see ``_LAYOUTS``)
@@ -165,6 +178,12 @@ def _num_laterals(keys, prefix: str) -> int:
     return len({m[1] for k in keys for m in [re.match(rf"^{re.escape(prefix)}\.(\d+)\.", k)] if m})
 
 
+def _is_hrfpn(keys, neck: str) -> bool:
+    """Whether ``keys`` hold an HRFPN at ``neck.<neck>`` ("" or "j."): its ``reduction_conv`` and ``fpn_convs.l``
+    (one per level) with no lateral convs."""
+    return any(k.startswith(f"neck.{neck}reduction_conv.") for k in keys)
+
+
 def _rpn_only(keys) -> bool:
     """Whether raydet ``keys`` are an RPN detector's (an ``rpn_head``, no ``bbox_head`` / ``roi_head``), whose head
     MMDetection 3.x names ``bbox_head``."""
@@ -177,7 +196,7 @@ def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
     def fpn(m, t):  # m[1]: "" or "j." (the j-th of a neck list, e.g. Libra's [FPN, BFP])
         laterals = _num_laterals(source, f"neck.{m[1]}lateral_convs")
         i, part = int(m[2]), _PART[m[3]]
-        if i < laterals:
+        if i < laterals or _is_hrfpn(source, m[1]):  # HRFPN: one fpn_conv per level, no laterals, no extra convs
             return f"neck.{m[1]}fpn_convs.{i}.{part}.{m[4]}"
         return f"neck.{m[1]}extra_convs.{i - laterals}.{part}.{m[4]}"
 
@@ -185,12 +204,15 @@ def _forward_rules(source: dict) -> list[tuple[str, Callable]]:
         return f"{prefix}.{_stride(t, prefix) * block + _PART[part]}.{param}"
 
     return [
+        (_BACKBONE_GN, lambda m, t: f"backbone.{m[1]}bn{m[2]}.{m[3]}"),
         (_SAME.pattern, lambda m, t: m[0]),
         (_SSD_HEAD.pattern, lambda m, t: m[0]),
         (r"^neck\.((?:\d+\.)?)lateral_convs\.(\d+)\.(conv|bn|gn)\.(.+)$",
          lambda m, t: f"neck.{m[1]}lateral_convs.{m[2]}.{_PART[m[3]]}.{m[4]}"),
         (r"^neck\.((?:\d+\.)?)fpn_convs\.(\d+)\.(conv|bn|gn)\.(.+)$", fpn),
         (rf"^{_BFP_REFINE}\.conv\.(weight|bias)$", lambda m, t: f"neck.{m[1]}.refine.{m[2] or 0}.{m[3]}"),
+        (r"^neck\.((?:\d+\.)?)reduction_conv\.(conv|bn|gn)\.(.+)$",
+         lambda m, t: f"neck.{m[1]}reduction_conv.{_PART[m[2]]}.{m[3]}"),
         (r"^rpn_head\.rpn_conv\.(\d+)\.conv\.(.+)$",
          lambda m, t: tower("rpn_head.rpn_conv", int(m[1]), "conv", m[2], t)),
         (r"^roi_head\.bbox_head\.((?:\d+\.)?)shared_fcs\.(\d+)\.(.+)$",
@@ -316,8 +338,12 @@ def to_mmdet(state: dict[str, Tensor], mmdet_version: int = 3) -> dict[str, Tens
         return f"{prefix}.{index // stride}.{part(prefix, index, stride)}.{m[3]}"
 
     rules: list[tuple[str, Callable]] = [
+        (_BACKBONE_NORM, lambda m: m[0] if f"backbone.{m[1]}bn{m[2]}.running_mean" in state
+         else f"backbone.{m[1]}gn{m[2]}.{m[3]}"),  # no statistics: a GN (MMDetection's ``gnK``)
         (_SAME.pattern, lambda m: m[0]),
         (_SSD_HEAD.pattern, lambda m: m[0]),  # before the towers: SSD's cls_convs.<level>.0
+        (r"^neck\.((?:\d+\.)?)reduction_conv\.(\d+)\.(.+)$",  # HRFPN
+         lambda m: f"neck.{m[1]}reduction_conv.{part(f'neck.{m[1]}reduction_conv', int(m[2]), 2)}.{m[3]}"),
         (r"^neck\.((?:\d+\.)?)(lateral_convs|fpn_convs)\.(\d+)\.(\d+)\.(.+)$",
          lambda m: f"neck.{m[1]}{m[2]}.{m[3]}.{part(f'neck.{m[1]}{m[2]}.{m[3]}', int(m[4]), 2)}.{m[5]}"),
         (r"^neck\.((?:\d+\.)?)extra_convs\.(\d+)\.(\d+)\.(.+)$", extra),

@@ -3,6 +3,8 @@ from raydet.models import losses  # noqa: F401
 from raydet.models.task_modules import assigners, coders, prior_generators, samplers  # noqa: F401
 from raydet.models.backbones import resnet  # noqa: F401
 from raydet.models.necks import fpn  # noqa: F401
+from raydet.models.backbones import hrnet  # noqa: F401
+from raydet.models.necks import hrfpn  # noqa: F401
 from raydet.models.dense_heads import rpn_head, retina_head  # noqa: F401
 from raydet.models.dense_heads import fsaf_head  # noqa: F401
 from raydet.models.roi_heads import bbox_heads, mask_heads, roi_extractors, standard_roi_head  # noqa: F401
@@ -12,7 +14,9 @@ from raydet.models.detectors import fsaf  # noqa: F401
 from raydet.models.dense_heads import fcos_head  # noqa: F401
 from raydet.models.detectors import fcos  # noqa: F401
 from raydet.models.backbones import ssd_vgg  # noqa: F401
+from raydet.models.backbones import root_resnet  # noqa: F401
 from raydet.models.necks import ssd_neck  # noqa: F401
+from raydet.models.necks import mlfpn  # noqa: F401
 from raydet.models.dense_heads import ssd_head  # noqa: F401
 from raydet.models.detectors import ssd  # noqa: F401
 from raydet.models.detectors import fast_rcnn  # noqa: F401

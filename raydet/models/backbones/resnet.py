@@ -11,7 +11,9 @@ import math
 import torch
 from torch import nn
 
+from raydet.models.conv import build_conv_layer
 from raydet.models.norm import build_norm_layer, is_batchnorm
+from raydet.models.plugins import build_plugin_layer
 from raydet.models.pretrained import load_pretrained
 from raydet.registry import build, closest, current_path, register
 
@@ -20,12 +22,14 @@ __all__ = ["ResNet", "ResNeXt", "BasicBlock", "Bottleneck"]
 _DEFAULT_NORM = {"type": "BN", "requires_grad": True}
 
 
-def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation, groups=groups, bias=False)
+def _conv3x3(in_ch: int, out_ch: int, stride: int = 1, dilation: int = 1, groups: int = 1,
+             conv_cfg: dict | None = None) -> nn.Conv2d:
+    return build_conv_layer(conv_cfg, in_ch, out_ch, 3, stride=stride, padding=dilation, dilation=dilation,
+                            groups=groups, bias=False)
 
 
-def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_ch, out_ch, 1, stride=stride, bias=False)
+def _conv1x1(in_ch: int, out_ch: int, stride: int = 1, conv_cfg: dict | None = None) -> nn.Conv2d:
+    return build_conv_layer(conv_cfg, in_ch, out_ch, 1, stride=stride, bias=False)
 
 
 class BasicBlock(nn.Module):
@@ -35,17 +39,17 @@ class BasicBlock(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, style: str = "pytorch", norm_cfg: dict = _DEFAULT_NORM,
-                 dcn_cfg: dict | None = None, groups: int = 1, base_width: int = 64):
+                 dcn_cfg: dict | None = None, groups: int = 1, base_width: int = 64, conv_cfg: dict | None = None):
         super().__init__()
         if groups != 1 or base_width != 64:
             raise ValueError(f"BasicBlock (depth 18/34) supports only groups=1, base_width=64; "
                              f"got groups={groups}, base_width={base_width}")
         if dcn_cfg is not None:
             raise ValueError("deformable convs (dcn_cfg) need Bottleneck blocks (depth 50/101/152)")
-        self.conv1 = _conv3x3(inplanes, planes, stride, dilation)
+        self.conv1 = _conv3x3(inplanes, planes, stride, dilation, conv_cfg=conv_cfg)
         self.bn1 = build_norm_layer(norm_cfg, planes)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = _conv3x3(planes, planes)
+        self.conv2 = _conv3x3(planes, planes, conv_cfg=conv_cfg)
         self.bn2 = build_norm_layer(norm_cfg, planes)
         self.downsample = downsample
         self.stride = stride
@@ -66,41 +70,112 @@ class Bottleneck(nn.Module):
     """1x1 reduce, 3x3 (optionally grouped / deformable), 1x1 expand (x4).
 
     ``style="pytorch"`` puts the stride in the 3x3 conv (torchvision, "ResNet v1.5"); ``"caffe"`` in the first 1x1
-    (the original MSRA models).
+    (the original MSRA models). ``plugins``: ``{cfg, position[, key]}`` entries (see :class:`ResNet`), built here
+    with the channels at their position and run after conv1's / conv2's ReLU or after bn3 (before the sum).
     """
 
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
                  downsample: nn.Module | None = None, style: str = "pytorch", norm_cfg: dict = _DEFAULT_NORM,
-                 dcn_cfg: dict | None = None, groups: int = 1, base_width: int = 64):
+                 dcn_cfg: dict | None = None, groups: int = 1, base_width: int = 64, conv_cfg: dict | None = None,
+                 plugins: list[dict] | None = None):
         super().__init__()
         width = math.floor(planes * base_width / 64) * groups
         stride1, stride2 = (stride, 1) if style == "caffe" else (1, stride)
-        self.conv1 = _conv1x1(inplanes, width, stride1)
+        self.conv1 = _conv1x1(inplanes, width, stride1, conv_cfg=conv_cfg)
         self.bn1 = build_norm_layer(norm_cfg, width)
         if dcn_cfg is None:
-            self.conv2 = _conv3x3(width, width, stride2, dilation, groups)
+            self.conv2 = _conv3x3(width, width, stride2, dilation, groups, conv_cfg=conv_cfg)
         else:
             self.conv2 = _build_dcn(dcn_cfg, width, stride2, dilation, groups)
         self.bn2 = build_norm_layer(norm_cfg, width)
-        self.conv3 = _conv1x1(width, planes * self.expansion)
+        self.conv3 = _conv1x1(width, planes * self.expansion, conv_cfg=conv_cfg)
         self.bn3 = build_norm_layer(norm_cfg, planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.stride = stride
+        # position -> names of its plugin modules, in config order (MMDetection's after_conv{1,2,3}_plugin_names)
+        self.plugin_names: dict[str, list[str]] = {p: [] for p in PLUGIN_POSITIONS}
+        channels = {"after_conv1": width, "after_conv2": width, "after_conv3": planes * self.expansion}
+        for plugin in plugins or ():
+            name, layer = _build_plugin(plugin, channels[plugin["position"]])
+            if hasattr(self, name):
+                raise ValueError(f"{plugin.get('key', 'plugins')}: a second plugin named '{name}' in one block; give "
+                                 f"each plugin of this type a distinct 'postfix' in its cfg")
+            self.add_module(name, layer)
+            self.plugin_names[plugin["position"]].append(name)
 
     @property
     def last_norm(self) -> nn.Module:
         return self.bn3
 
+    def _plugins(self, x: torch.Tensor, position: str) -> torch.Tensor:
+        for name in self.plugin_names[position]:
+            x = getattr(self, name)(x)
+        return x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self._plugins(self.relu(self.bn1(self.conv1(x))), "after_conv1")
+        out = self._plugins(self.relu(self.bn2(self.conv2(out))), "after_conv2")
+        out = self._plugins(self.bn3(self.conv3(out)), "after_conv3")
         out += identity  # in place, as torchvision: one allocation less per block
         return self.relu(out)
+
+
+PLUGIN_POSITIONS = ("after_conv1", "after_conv2", "after_conv3")
+_PLUGIN_KEYS = ("cfg", "position", "stages")
+
+
+def _build_plugin(plugin: dict, channels: int) -> tuple[str, nn.Module]:
+    """(module name, module) of one ``{cfg, position[, key]}`` entry for a map of ``channels`` channels."""
+    base = current_path()
+    key = plugin.get("key", "plugins")
+    return build_plugin_layer(plugin["cfg"], channels, f"{base}.{key}.cfg" if base else f"{key}.cfg")
+
+
+def _stage_plugins(plugins: list[dict] | None, num_stages: int, block) -> list[list[dict]]:
+    """Per stage, the ``{cfg, position, key}`` entries of the ``plugins`` flagged for it (MMDetection's
+    ``make_stage_plugins``: an entry without ``stages`` goes into every stage).
+
+    Raises:
+        ValueError: naming the entry's key: not a dict, an unknown key, a missing / non-dict ``cfg``, an unknown
+            ``position``, ``stages`` not of ``num_stages`` booleans; or any plugin on BasicBlock (ResNet-18/34), which
+            MMDetection does not support either.
+    """
+    per_stage: list[list[dict]] = [[] for _ in range(num_stages)]
+    if plugins is None:
+        return per_stage
+    if not isinstance(plugins, (list, tuple)):
+        raise ValueError(f"plugins must be a list of {{cfg, position, stages}} entries, got {plugins!r}")
+    for i, entry in enumerate(plugins):
+        key = f"plugins[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{key} must be a dict with cfg, position and optional stages, got {entry!r}")
+        for k in entry:
+            if k not in _PLUGIN_KEYS:
+                raise ValueError(f"{key}: unknown key '{k}'{closest(k, _PLUGIN_KEYS)} "
+                                 f"(valid: {', '.join(_PLUGIN_KEYS)})")
+        cfg = entry.get("cfg")
+        if not isinstance(cfg, dict) or "type" not in cfg:
+            raise ValueError(f"{key}.cfg must be a dict with a 'type' (e.g. {{type: ContextBlock, ratio: 0.0625}}), "
+                             f"got {cfg!r}")
+        position = entry.get("position")
+        if position not in PLUGIN_POSITIONS:
+            raise ValueError(f"{key}.position: unknown position {position!r}{closest(position, PLUGIN_POSITIONS)} "
+                             f"(valid: {', '.join(PLUGIN_POSITIONS)})")
+        stages = entry.get("stages")
+        if stages is not None and (not isinstance(stages, (list, tuple)) or len(stages) != num_stages
+                                   or not all(isinstance(s, bool) for s in stages)):
+            raise ValueError(f"{key}.stages must list {num_stages} booleans (one per stage), got {stages!r}")
+        if block is not Bottleneck:
+            raise ValueError(f"{key}: plugins go into Bottleneck blocks (depth 50/101/152); {block.__name__} has "
+                             f"none (as in MMDetection)")
+        for s in range(num_stages):
+            if stages is None or stages[s]:
+                per_stage[s].append({"cfg": cfg, "position": position, "key": key})
+    return per_stage
 
 
 _DCN_SET_BY_BACKBONE = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
@@ -155,6 +230,19 @@ class ResNet(nn.Module):
         stage_with_dcn: per stage, whether its bottlenecks use ``dcn_cfg``.
         init_cfg: ``{type: Pretrained, checkpoint: PATH, prefix: optional}`` loads a local state dict (e.g.
             torchvision's ImageNet weights) after the random init; None keeps the random (Kaiming) init.
+        conv_cfg: the type of every conv (stem, blocks, downsample; :func:`~raydet.models.conv.build_conv_layer`),
+            e.g. ``{type: ConvWS}`` (Weight Standardization); None: ``nn.Conv2d``. A ``dcn_cfg`` conv stays
+            deformable.
+        plugins: modules inserted into the bottlenecks (MMDetection's ``plugins``), a list of
+            ``{cfg: {type: ContextBlock, ratio: 0.0625}, stages: [false, true, true, true], position: after_conv3}``:
+            ``cfg`` a registered plugin (:mod:`raydet.models.plugins`; ``in_channels`` set here, optional
+            ``postfix`` to tell two of one type apart), ``position`` after the ReLU of conv1 / conv2
+            (``after_conv1`` / ``after_conv2``, the bottleneck width) or after bn3 before the residual sum
+            (``after_conv3``, 4 x planes), ``stages`` one flag per stage (omitted: every stage). Several plugins at one
+            position run in list order. Each block's plugin is named after its kind (``layer2.0.context_block``,
+            ``layer3.1.gen_attention_block``) as in MMDetection, and keeps its own init. Bottleneck depths only.
+        base_channels: channels of the stem and of the first stage's bottleneck (``planes`` of stage i is
+            base_channels * 2**i; MMDetection's ``base_channels``; 64 in every reference model).
 
     ``forward(x)``: x (B, in_channels, H, W) -> tuple of feature maps of ``out_indices``; ``out_channels`` lists
     their channel counts.
@@ -167,7 +255,8 @@ class ResNet(nn.Module):
                  out_indices: tuple[int, ...] = (0, 1, 2, 3), style: str = "pytorch", frozen_stages: int = -1,
                  norm_cfg: dict = _DEFAULT_NORM, norm_eval: bool = True, zero_init_residual: bool = True,
                  groups: int = 1, base_width: int = 64, dcn_cfg: dict | None = None,
-                 stage_with_dcn: tuple[bool, ...] = (False, False, False, False), init_cfg: dict | None = None):
+                 stage_with_dcn: tuple[bool, ...] = (False, False, False, False), init_cfg: dict | None = None,
+                 conv_cfg: dict | None = None, plugins: list[dict] | None = None, base_channels: int = 64):
         super().__init__()
         if depth not in _ARCH:
             raise ValueError(f"invalid depth {depth} for {type(self).__name__}; choose one of "
@@ -185,7 +274,10 @@ class ResNet(nn.Module):
             raise ValueError(f"frozen_stages must be in -1..{num_stages}, got {frozen_stages}")
         if any(stage_with_dcn[:num_stages]) and dcn_cfg is None:
             raise ValueError("stage_with_dcn flags stages but dcn_cfg is not set")
+        if base_channels < 1:
+            raise ValueError(f"base_channels must be >= 1, got {base_channels}")
         self._check_init_cfg(init_cfg)
+        stage_plugins = _stage_plugins(plugins, num_stages, _ARCH[depth][0])
 
         self.depth = depth
         self.out_indices = tuple(out_indices)
@@ -195,18 +287,20 @@ class ResNet(nn.Module):
         self.init_cfg = init_cfg
 
         block, stage_blocks = _ARCH[depth]
-        self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = build_norm_layer(norm_cfg, 64)
+        self.conv1 = build_conv_layer(conv_cfg, in_channels, base_channels, kernel_size=7, stride=2, padding=3,
+                                      bias=False)
+        self.bn1 = build_norm_layer(norm_cfg, base_channels)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
         self.stage_names: list[str] = []
         stage_channels = []
-        inplanes = 64
+        inplanes = base_channels
         for i in range(num_stages):
-            planes = 64 * 2 ** i
+            planes = base_channels * 2 ** i
             stage = self._make_stage(block, inplanes, planes, stage_blocks[i], strides[i], dilations[i], style,
-                                     norm_cfg, dcn_cfg if stage_with_dcn[i] else None, groups, base_width)
+                                     norm_cfg, dcn_cfg if stage_with_dcn[i] else None, groups, base_width,
+                                     conv_cfg=conv_cfg, plugins=stage_plugins[i])
             inplanes = planes * block.expansion
             name = f"layer{i + 1}"
             self.add_module(name, stage)
@@ -233,20 +327,27 @@ class ResNet(nn.Module):
 
     @staticmethod
     def _make_stage(block, inplanes: int, planes: int, num_blocks: int, stride: int, dilation: int, style: str,
-                    norm_cfg: dict, dcn_cfg: dict | None, groups: int, base_width: int) -> nn.Sequential:
+                    norm_cfg: dict, dcn_cfg: dict | None, groups: int, base_width: int,
+                    conv_cfg: dict | None = None, plugins: list[dict] | None = None) -> nn.Sequential:
         downsample = None
         if stride != 1 or inplanes != planes * block.expansion:
-            downsample = nn.Sequential(_conv1x1(inplanes, planes * block.expansion, stride),
+            downsample = nn.Sequential(_conv1x1(inplanes, planes * block.expansion, stride, conv_cfg=conv_cfg),
                                        build_norm_layer(norm_cfg, planes * block.expansion))
         kwargs = dict(dilation=dilation, style=style, norm_cfg=norm_cfg, dcn_cfg=dcn_cfg, groups=groups,
-                      base_width=base_width)
+                      base_width=base_width, conv_cfg=conv_cfg)
+        if plugins:
+            kwargs["plugins"] = plugins
         layers = [block(inplanes, planes, stride, downsample=downsample, **kwargs)]
         layers += [block(planes * block.expansion, planes, 1, **kwargs) for _ in range(1, num_blocks)]
         return nn.Sequential(*layers)
 
     def init_weights(self) -> None:
-        """Kaiming (fan_out) init of convs, unit/zero norms, zero last gamma per block; then ``init_cfg``."""
+        """Kaiming (fan_out) init of convs, unit/zero norms, zero last gamma per block, each plugin's own init
+        (mmcv's: e.g. a zero last conv of a GC block); then ``init_cfg``."""
         dcn_inner = set()
+        plugins = [getattr(m, name) for m in self.modules() if isinstance(m, Bottleneck)
+                   for names in m.plugin_names.values() for name in names]
+        plugin_inner = {id(c) for plugin in plugins for c in plugin.modules()}
         for m in self.modules():
             if isinstance(m, Bottleneck) and not isinstance(m.conv2, nn.Conv2d):
                 dcn_inner.update(id(c) for c in m.conv2.modules())
@@ -254,6 +355,8 @@ class ResNet(nn.Module):
                 if isinstance(getattr(m.conv2, "weight", None), torch.Tensor):
                     nn.init.kaiming_normal_(m.conv2.weight, mode="fan_out", nonlinearity="relu")
         for m in self.modules():
+            if id(m) in plugin_inner:
+                continue
             if isinstance(m, nn.Conv2d) and id(m) not in dcn_inner:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
@@ -265,6 +368,9 @@ class ResNet(nn.Module):
                     weight = getattr(m.last_norm, "weight", None)
                     if isinstance(weight, nn.Parameter) and weight.requires_grad:
                         nn.init.zeros_(weight)
+        for plugin in plugins:
+            if hasattr(plugin, "init_weights"):
+                plugin.init_weights()
         if self.init_cfg is not None:
             load_pretrained(self, self.init_cfg["checkpoint"], prefix=self.init_cfg.get("prefix"))
 
@@ -309,11 +415,12 @@ class ResNeXt(ResNet):
                  out_indices: tuple[int, ...] = (0, 1, 2, 3), style: str = "pytorch", frozen_stages: int = -1,
                  norm_cfg: dict = _DEFAULT_NORM, norm_eval: bool = True, zero_init_residual: bool = True,
                  groups: int = 32, base_width: int = 4, dcn_cfg: dict | None = None,
-                 stage_with_dcn: tuple[bool, ...] = (False, False, False, False), init_cfg: dict | None = None):
+                 stage_with_dcn: tuple[bool, ...] = (False, False, False, False), init_cfg: dict | None = None,
+                 conv_cfg: dict | None = None, plugins: list[dict] | None = None):
         if depth in _ARCH and _ARCH[depth][0] is not Bottleneck:
             raise ValueError(f"ResNeXt needs bottleneck blocks: depth 50, 101 or 152, got {depth}")
         super().__init__(depth, in_channels=in_channels, num_stages=num_stages, strides=strides,
                          dilations=dilations, out_indices=out_indices, style=style, frozen_stages=frozen_stages,
                          norm_cfg=norm_cfg, norm_eval=norm_eval, zero_init_residual=zero_init_residual,
                          groups=groups, base_width=base_width, dcn_cfg=dcn_cfg, stage_with_dcn=stage_with_dcn,
-                         init_cfg=init_cfg)
+                         init_cfg=init_cfg, conv_cfg=conv_cfg, plugins=plugins)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydet.models.conv import build_conv_layer
 from raydet.models.dense_heads.anchor_head import AnchorHead
 from raydet.models.head_configs import ProposalConfig
 from raydet.models.layers import conv_tower
@@ -22,22 +23,24 @@ class RPNHead(AnchorHead):
     ``train_proposals`` / ``test_proposals`` set how proposals are selected for the RoI head in training and at test.
     The paper's Table 9 knobs are ``loss_bbox.beta`` (smoothl1_beta), ``allowed_border`` and ``sampler.neg_pos_ub``.
     ``padding_anchors``: see :class:`~raydet.models.dense_heads.anchor_head.AnchorHead`. With ``num_convs`` > 1
-    (torchvision's v2 RPN, ``conv_depth=2``) ``rpn_conv`` is a Sequential of (conv, ReLU) pairs.
+    (torchvision's v2 RPN, ``conv_depth=2``) ``rpn_conv`` is a Sequential of (conv, ReLU) pairs. ``conv_cfg``: the
+    type of the shared conv(s) (:func:`~raydet.models.conv.build_conv_layer`, e.g. ``{type: ConvWS}``; None:
+    ``nn.Conv2d``); the 1x1 output convs stay plain (mmcv's RPNHead).
     """
 
     def __init__(self, in_channels: int, anchor_generator, bbox_coder, loss_cls, loss_bbox, assigner, sampler=None,
                  feat_channels: int = 256, allowed_border: float = -1, pos_weight: float = -1,
                  train_proposals: ProposalConfig = ProposalConfig(nms_pre=2000, max_per_img=1000),
                  test_proposals: ProposalConfig = ProposalConfig(nms_pre=1000, max_per_img=1000),
-                 padding_anchors: bool = False, num_convs: int = 1):
+                 padding_anchors: bool = False, num_convs: int = 1, conv_cfg: dict | None = None):
         super().__init__(1, anchor_generator, bbox_coder, loss_cls, loss_bbox, assigner, sampler,
                          allowed_border, pos_weight, padding_anchors=padding_anchors)
         if num_convs < 1:
             raise ValueError(f"num_convs must be >= 1, got {num_convs}")
         if num_convs == 1:
-            self.rpn_conv = nn.Conv2d(in_channels, feat_channels, 3, padding=1)
+            self.rpn_conv = build_conv_layer(conv_cfg, in_channels, feat_channels, 3, padding=1)
         else:
-            self.rpn_conv = conv_tower(in_channels, feat_channels, num_convs, None)
+            self.rpn_conv = conv_tower(in_channels, feat_channels, num_convs, None, conv_cfg)
         self.rpn_cls = nn.Conv2d(feat_channels, self.num_anchors, 1)
         self.rpn_reg = nn.Conv2d(feat_channels, self.num_anchors * 4, 1)
         self.train_proposals = train_proposals

@@ -8,6 +8,7 @@ from torch import nn
 from raydet.models.dense_heads.anchor_head import AnchorHead, flatten_levels
 from raydet.models.head_configs import DetectionConfig
 from raydet.models.losses import CrossEntropyLoss, SmoothL1Loss
+from raydet.models.norm import build_norm_layer
 from raydet.models.postprocess import boxes_to_original, detection_nms
 from raydet.models.task_modules.samplers import hard_negative_mining
 from raydet.registry import register
@@ -48,8 +49,11 @@ class SSDHead(AnchorHead):
             torchvision's. Each prior then has C + 1 + U logits. Default 0.
         nms_pre_per: ``"level"`` (default, MMDetection): ``test.nms_pre`` is a budget of (prior, class) pairs per
             level; ``"class"`` (torchvision): of each class, the ``test.nms_pre`` best priors of all levels.
+        norm_cfg: optional norm after each level's classifier and regressor conv (``cls_convs.<l>.1`` /
+            ``reg_convs.<l>.1``; the convs then have no bias), ScratchDet's BN in the detection head (Zhu et al.
+            2019, Sec. 3.2; the authors' ``SSDBNHead``). None (SSD): no norm.
 
-    Convs start Xavier-uniform with zero bias (MMDetection's SSDHead init).
+    Convs start Xavier-uniform with zero bias (MMDetection's SSDHead init); norms with unit weight, zero bias.
     """
 
     use_sigmoid_cls = False
@@ -59,7 +63,7 @@ class SSDHead(AnchorHead):
                  neg_pos_ratio: float = 3.0, allowed_border: float = -1, pos_weight: float = -1,
                  test: DetectionConfig = DetectionConfig(nms_pre=1000, score_thr=0.02, nms_iou=0.45,
                                                          max_per_img=200),
-                 num_unused_classes: int = 0, nms_pre_per: str = "level"):
+                 num_unused_classes: int = 0, nms_pre_per: str = "level", norm_cfg: dict | None = None):
         loss_cls = loss_cls if loss_cls is not None else CrossEntropyLoss(use_sigmoid=False)
         loss_bbox = loss_bbox if loss_bbox is not None else SmoothL1Loss(beta=1.0)
         super().__init__(num_classes, anchor_generator, bbox_coder, loss_cls, loss_bbox, assigner, sampler,
@@ -88,14 +92,17 @@ class SSDHead(AnchorHead):
         self.num_base_priors = num_priors
         self.neg_pos_ratio = float(neg_pos_ratio)
         self.test = test
-        self.cls_convs = nn.ModuleList(nn.Sequential(nn.Conv2d(c, a * self.cls_out_channels, 3, padding=1))
-                                       for c, a in zip(in_channels, num_priors))
-        self.reg_convs = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, a * 4, 3, padding=1)) for c, a in zip(in_channels, num_priors))
+        def conv(c_in: int, c_out: int) -> nn.Sequential:  # entry 0 the conv, [entry 1 its norm]
+            layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=norm_cfg is None)]
+            return nn.Sequential(*layers, *([build_norm_layer(norm_cfg, c_out)] if norm_cfg is not None else []))
+
+        self.cls_convs = nn.ModuleList(conv(c, a * self.cls_out_channels) for c, a in zip(in_channels, num_priors))
+        self.reg_convs = nn.ModuleList(conv(c, a * 4) for c, a in zip(in_channels, num_priors))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward_single(self, x: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Level ``level``'s features (B, C_in, H, W) -> (cls_score (B, A*(C+1+U), H, W), bbox_pred (B, A*4, H, W))."""

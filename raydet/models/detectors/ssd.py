@@ -10,4 +10,5 @@ __all__ = ["SSD"]
 
 @register
 class SSD(SingleStageDetector):
-    """SSD300 / SSD512: an ``SSDVGG`` backbone, an ``SSDNeck`` (L2Norm on conv4_3, extra levels) and an ``SSDHead``."""
+    """SSD300 / SSD512: an ``SSDVGG`` backbone, an ``SSDNeck`` (L2Norm on conv4_3, extra levels) and an ``SSDHead``.
+    M2Det (Zhao et al. 2019) is this detector with an ``MLFPN`` neck (``pipelines/m2det*_vgg16_coco.yaml``)."""

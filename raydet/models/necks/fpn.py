@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raydet.models.conv import build_conv_layer
 from raydet.models.norm import build_norm_layer
 from raydet.registry import closest, register
 
@@ -13,9 +14,11 @@ __all__ = ["FPN"]
 _EXTRA_SOURCES = ("on_input", "on_lateral", "on_output")
 
 
-def _conv_norm(in_ch: int, out_ch: int, kernel: int, stride: int, norm_cfg: dict | None) -> nn.Sequential:
+def _conv_norm(in_ch: int, out_ch: int, kernel: int, stride: int, norm_cfg: dict | None,
+               conv_cfg: dict | None = None) -> nn.Sequential:
     """conv (with bias unless followed by a norm) [+ norm], as ``Sequential`` entries 0 [, 1]."""
-    layers = [nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2, bias=norm_cfg is None)]
+    layers = [build_conv_layer(conv_cfg, in_ch, out_ch, kernel, stride=stride, padding=kernel // 2,
+                               bias=norm_cfg is None)]
     if norm_cfg is not None:
         layers.append(build_norm_layer(norm_cfg, out_ch))
     return nn.Sequential(*layers)
@@ -38,6 +41,8 @@ class FPN(nn.Module):
             its lateral, or ``"on_output"`` the last output; further levels are 3x3 stride-2 convs on the previous.
         relu_before_extra_convs: apply ReLU to the input of the extra convs after the first.
         norm_cfg: optional norm after every conv (convs then have no bias).
+        conv_cfg: the type of every conv (:func:`~raydet.models.conv.build_conv_layer`; None: ``nn.Conv2d``), e.g.
+            ``{type: ConvWS}`` (Weight Standardization).
         upsample_mode: ``"nearest"`` or ``"bilinear"``; coarse maps are resized to the exact size of the finer map.
 
     ``forward(inputs)``: tuple of backbone maps (B, in_channels[i], H_i, W_i) -> tuple of ``num_outs`` maps
@@ -46,7 +51,7 @@ class FPN(nn.Module):
 
     def __init__(self, in_channels: list[int], out_channels: int, num_outs: int, start_level: int = 0,
                  end_level: int = -1, add_extra_convs: bool | str = False, relu_before_extra_convs: bool = False,
-                 norm_cfg: dict | None = None, upsample_mode: str = "nearest"):
+                 norm_cfg: dict | None = None, upsample_mode: str = "nearest", conv_cfg: dict | None = None):
         super().__init__()
         num_ins = len(in_channels)
         if num_ins == 0:
@@ -83,13 +88,15 @@ class FPN(nn.Module):
         self.upsample_mode = upsample_mode
 
         used = range(start_level, end)
-        self.lateral_convs = nn.ModuleList(_conv_norm(in_channels[i], out_channels, 1, 1, norm_cfg) for i in used)
-        self.fpn_convs = nn.ModuleList(_conv_norm(out_channels, out_channels, 3, 1, norm_cfg) for _ in used)
+        self.lateral_convs = nn.ModuleList(_conv_norm(in_channels[i], out_channels, 1, 1, norm_cfg, conv_cfg)
+                                            for i in used)
+        self.fpn_convs = nn.ModuleList(_conv_norm(out_channels, out_channels, 3, 1, norm_cfg, conv_cfg)
+                                        for _ in used)
         self.extra_convs = nn.ModuleList()
         if add_extra_convs:
             for k in range(num_outs - len(used)):
                 in_ch = in_channels[end - 1] if k == 0 and add_extra_convs == "on_input" else out_channels
-                self.extra_convs.append(_conv_norm(in_ch, out_channels, 3, 2, norm_cfg))
+                self.extra_convs.append(_conv_norm(in_ch, out_channels, 3, 2, norm_cfg, conv_cfg))
         self.init_weights()
 
     def init_weights(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from raydet.models.norm import build_norm_layer
 from raydet.registry import register
 
 __all__ = ["SSDNeck", "L2Norm", "ConvReLU"]
@@ -36,14 +37,24 @@ class L2Norm(nn.Module):
 
 
 class ConvReLU(nn.Module):
-    """A conv (with bias) followed by ReLU; the conv is ``.conv`` (MMDetection's ``ConvModule`` without a norm)."""
+    """A conv followed by ReLU; the conv is ``.conv`` (MMDetection's ``ConvModule``). With ``norm_cfg`` a norm sits
+    between them, named as mmcv's ``ConvModule`` names it (``.gn`` for GN, else ``.bn``), and the conv has no bias."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0,
+                 norm_cfg: dict | None = None):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding,
+                              bias=norm_cfg is None)
+        self.norm_name = None
+        if norm_cfg is not None:
+            self.norm_name = "gn" if isinstance(norm_cfg, dict) and norm_cfg.get("type") == "GN" else "bn"
+            self.add_module(self.norm_name, build_norm_layer(norm_cfg, out_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.conv(x))
+        x = self.conv(x)
+        if self.norm_name is not None:
+            x = getattr(self, self.norm_name)(x)
+        return torch.relu(x)
 
 
 @register
@@ -62,6 +73,9 @@ class SSDNeck(nn.Module):
             (19 -> 10 -> 5 -> 3 -> 1); SSD512: (2, 2, 2, 2, 1) and (1, 1, 1, 1, 1) with ``last_kernel_size`` 4.
         l2_norm_scale: initial L2Norm weight of the first map (SSD: 20); None applies no L2Norm.
         last_kernel_size: kernel of the last extra level's second conv (SSD300: 3, SSD512: 4).
+        norm_cfg: optional norm after every extra conv (:func:`~raydet.models.norm.build_norm_layer`; the convs then
+            have no bias); ScratchDet (Zhu et al. 2019, Sec. 3) puts BN on every conv of a detector trained from
+            scratch. None (SSD): no norm.
 
     Convs start Xavier-uniform with zero bias (MMDetection's SSDNeck init).
 
@@ -69,7 +83,8 @@ class SSDNeck(nn.Module):
     """
 
     def __init__(self, in_channels: list[int], out_channels: list[int], level_strides: list[int],
-                 level_paddings: list[int], l2_norm_scale: float | None = 20.0, last_kernel_size: int = 3):
+                 level_paddings: list[int], l2_norm_scale: float | None = 20.0, last_kernel_size: int = 3,
+                 norm_cfg: dict | None = None):
         super().__init__()
         in_channels, out_channels = [int(c) for c in in_channels], [int(c) for c in out_channels]
         if len(out_channels) <= len(in_channels) or out_channels[:len(in_channels)] != in_channels:
@@ -87,12 +102,14 @@ class SSDNeck(nn.Module):
             k = len(in_channels) + i
             kernel = last_kernel_size if i == num_extra - 1 else 3
             self.extra_layers.append(nn.Sequential(
-                ConvReLU(out_channels[k - 1], out_channels[k] // 2, 1),
-                ConvReLU(out_channels[k] // 2, out_channels[k], kernel, stride=int(stride), padding=int(padding))))
+                ConvReLU(out_channels[k - 1], out_channels[k] // 2, 1, norm_cfg=norm_cfg),
+                ConvReLU(out_channels[k] // 2, out_channels[k], kernel, stride=int(stride), padding=int(padding),
+                         norm_cfg=norm_cfg)))
         for m in self.extra_layers.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         if len(inputs) != len(self.in_channels):

@@ -15,7 +15,8 @@ __all__ = ["ConvFCBBoxHead", "Shared2FCBBoxHead", "Shared4Conv1FCBBoxHead"]
 
 @register
 class ConvFCBBoxHead(nn.Module):
-    """``num_shared_convs`` 3x3 convs (optional norm) then ``num_shared_fcs`` FC layers, then two linear outputs.
+    """``num_shared_convs`` 3x3 convs (optional norm; ``conv_cfg`` their type, e.g. ``{type: ConvWS}``) then
+    ``num_shared_fcs`` FC layers, then two linear outputs.
 
     Outputs: cls_score (R, C + 1 + U) with background at index C; bbox_pred (R, 4 * C), or (R, 4) when
     ``reg_class_agnostic``.
@@ -29,7 +30,7 @@ class ConvFCBBoxHead(nn.Module):
     def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
                  roi_feat_size: int = 7, num_shared_convs: int = 0, num_shared_fcs: int = 2,
                  conv_out_channels: int = 256, fc_out_channels: int = 1024, norm_cfg: dict | None = None,
-                 reg_class_agnostic: bool = False, num_unused_classes: int = 0):
+                 reg_class_agnostic: bool = False, num_unused_classes: int = 0, conv_cfg: dict | None = None):
         super().__init__()
         if num_unused_classes < 0:
             raise ValueError(f"num_unused_classes must be >= 0, got {num_unused_classes}")
@@ -41,7 +42,7 @@ class ConvFCBBoxHead(nn.Module):
         self.reg_class_agnostic = reg_class_agnostic
         self.reg_decoded_bbox = bool(getattr(loss_bbox, "takes_decoded_boxes", False))
 
-        self.shared_convs = conv_tower(in_channels, conv_out_channels, num_shared_convs, norm_cfg)
+        self.shared_convs = conv_tower(in_channels, conv_out_channels, num_shared_convs, norm_cfg, conv_cfg)
         channels = conv_out_channels if num_shared_convs else in_channels
         fcs, features = [], channels * roi_feat_size * roi_feat_size
         for _ in range(num_shared_fcs):
@@ -116,10 +117,12 @@ class Shared2FCBBoxHead(ConvFCBBoxHead):
 
 @register
 class Shared4Conv1FCBBoxHead(ConvFCBBoxHead):
-    """Four shared 3x3 convs (usually with GN) and one FC layer."""
+    """Four shared 3x3 convs (usually with GN; ``conv_cfg`` their type, e.g. ``{type: ConvWS}``) and one FC layer."""
 
     def __init__(self, num_classes: int, bbox_coder, loss_cls, loss_bbox, in_channels: int = 256,
                  roi_feat_size: int = 7, conv_out_channels: int = 256, fc_out_channels: int = 1024,
-                 norm_cfg: dict | None = None, reg_class_agnostic: bool = False, num_unused_classes: int = 0):
+                 norm_cfg: dict | None = None, reg_class_agnostic: bool = False, num_unused_classes: int = 0,
+                 conv_cfg: dict | None = None):
         super().__init__(num_classes, bbox_coder, loss_cls, loss_bbox, in_channels, roi_feat_size, 4, 1,
-                         conv_out_channels, fc_out_channels, norm_cfg, reg_class_agnostic, num_unused_classes)
+                         conv_out_channels, fc_out_channels, norm_cfg, reg_class_agnostic, num_unused_classes,
+                         conv_cfg)

@@ -42,13 +42,14 @@ class FCNMaskHead(nn.Module):
     """``num_convs`` 3x3 convs, a stride-2 deconvolution, and a 1x1 conv to one mask logit map per class.
 
     (P, in_channels, 14, 14) -> (P, C, 28, 28) with the defaults. ``target_aligned`` and ``binarize_targets``
-    set how training targets are cut from the ground-truth masks (see :func:`mask_targets`).
+    set how training targets are cut from the ground-truth masks (see :func:`mask_targets`). ``conv_cfg``: the type
+    of the ``num_convs`` 3x3 convs (e.g. ``{type: ConvWS}``; None: ``nn.Conv2d``); upsample and logits stay plain.
     """
 
     def __init__(self, num_classes: int, loss_mask, num_convs: int = 4, in_channels: int = 256,
                  conv_out_channels: int = 256, roi_feat_size: int = 14, upsample_ratio: int = 2,
                  class_agnostic: bool = False, norm_cfg: dict | None = None, target_aligned: bool = True,
-                 binarize_targets: bool = True):
+                 binarize_targets: bool = True, conv_cfg: dict | None = None):
         super().__init__()
         self.target_aligned = target_aligned
         self.binarize_targets = binarize_targets
@@ -56,7 +57,7 @@ class FCNMaskHead(nn.Module):
         self.loss_mask = loss_mask
         self.class_agnostic = class_agnostic
         self.mask_size = roi_feat_size * upsample_ratio
-        self.convs = conv_tower(in_channels, conv_out_channels, num_convs, norm_cfg)
+        self.convs = conv_tower(in_channels, conv_out_channels, num_convs, norm_cfg, conv_cfg)
         channels = conv_out_channels if num_convs else in_channels
         self.upsample = nn.ConvTranspose2d(channels, conv_out_channels, upsample_ratio, stride=upsample_ratio)
         self.conv_logits = nn.Conv2d(conv_out_channels, 1 if class_agnostic else num_classes, 1)

@@ -1,11 +1,12 @@
-"""Position-sensitive RoI pooling (R-FCN, Dai et al. 2016, Sec. 2, Eq. 1) with torchvision's ``ps_roi_pool`` /
-``ps_roi_align``."""
+"""Position-sensitive RoI pooling (R-FCN, Dai et al. 2016, Sec. 2, Eq. 1): raydet's ``ps_roi_pool`` (torchvision's
+binning without its border error, see :mod:`raydet.ops.ps_roi_pool`) or torchvision's ``ps_roi_align``."""
 from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import ps_roi_align, ps_roi_pool
+from torchvision.ops import ps_roi_align
 
+from raydet.ops import ps_roi_pool
 from raydet.registry import register
 
 __all__ = ["PSRoIExtractor"]

@@ -47,30 +47,46 @@ def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56
 
 @register
 class SingleRoIExtractor(nn.Module):
-    """RoIAlign (or RoIPool) each RoI on one pyramid level chosen by ``map_roi_levels``.
+    """RoIAlign (or RoIPool, or a configured RoI layer) each RoI on one pyramid level chosen by ``map_roi_levels``.
 
     Args:
         output_size: pooled size (7 for boxes, 14 for masks).
         featmap_strides: strides of the levels used (e.g. [4, 8, 16, 32] for P2-P5).
-        sampling_ratio: RoIAlign samples per bin side (0 = adaptive).
-        aligned: RoIAlign with the half-pixel offset (MMDetection / Detectron2 default).
-        roi_type: "RoIAlign" or "RoIPool".
+        sampling_ratio: RoIAlign samples per bin side (0 = adaptive, the default).
+        aligned: RoIAlign with the half-pixel offset (MMDetection / Detectron2 default, True).
+        roi_type: "RoIAlign" (default) or "RoIPool".
+        roi_layer: an RoI layer config instead of ``roi_type`` / ``sampling_ratio`` / ``aligned`` (MMDetection's
+            ``roi_layer``), e.g. ``{type: DeformRoIPoolPack, output_size: 7, output_channels: 256}``: one layer per
+            level in ``roi_layers`` (each with its own parameters, as MMDetection), built with ``spatial_scale`` =
+            1 / stride and the extractor's ``output_size`` (which it may repeat); any registered layer whose
+            ``forward(feat (B, C, H, W), rois (K, 5))`` gives (K, C, output_size, output_size).
         finest_scale, level_mapping: how an RoI's level is chosen (:func:`map_roi_levels`): ``"mmdetection"`` (with
             ``finest_scale``) or ``"detectron2"`` (Detectron2's ROIPooler; the finest level is log2 of the first
             stride).
+    Raises:
+        ValueError: an unknown ``roi_type``; ``roi_layer`` together with ``roi_type`` / ``sampling_ratio`` /
+            ``aligned``, setting ``spatial_scale``, or an ``output_size`` other than the extractor's.
     """
 
-    def __init__(self, output_size: int, featmap_strides: list[int], sampling_ratio: int = 0, aligned: bool = True,
-                 finest_scale: float = 56.0, roi_type: str = "RoIAlign", level_mapping: str = "mmdetection"):
+    config_args = ("roi_layer",)  # built here, once per level (raydet.registry)
+
+    def __init__(self, output_size: int, featmap_strides: list[int], sampling_ratio: int | None = None,
+                 aligned: bool | None = None, finest_scale: float = 56.0, roi_type: str | None = None,
+                 level_mapping: str = "mmdetection", roi_layer: dict | None = None):
         super().__init__()
+        self.roi_layers = None
+        if roi_layer is not None:
+            self._build_roi_layers(roi_layer, output_size, featmap_strides,
+                                   dict(roi_type=roi_type, sampling_ratio=sampling_ratio, aligned=aligned))
+        roi_type = "RoIAlign" if roi_type is None else roi_type
         if roi_type not in ("RoIAlign", "RoIPool"):
             raise ValueError(f"roi_type must be 'RoIAlign' or 'RoIPool', got {roi_type!r}")
         self.output_size = output_size
         self.featmap_strides = list(featmap_strides)
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+        self.sampling_ratio = 0 if sampling_ratio is None else sampling_ratio
+        self.aligned = True if aligned is None else aligned
         self.finest_scale = finest_scale
-        self.roi_type = roi_type
+        self.roi_type = roi_type if self.roi_layers is None else type(self.roi_layers[0]).__name__
         if level_mapping not in ("mmdetection", "detectron2"):
             raise ValueError(f"level_mapping must be 'mmdetection' or 'detectron2', got {level_mapping!r}")
         if level_mapping == "detectron2" and any(s != 2 ** round(math.log2(s)) for s in featmap_strides):
@@ -82,7 +98,30 @@ class SingleRoIExtractor(nn.Module):
     def num_inputs(self) -> int:
         return len(self.featmap_strides)
 
+    def _build_roi_layers(self, cfg: dict, output_size: int, strides, unused: dict) -> None:
+        """``self.roi_layers``: the ``roi_layer`` config built once per level."""
+        from raydet.registry import build, current_path
+
+        import raydet.ops  # noqa: F401  (registers the RoI layer types)
+
+        if not isinstance(cfg, dict) or "type" not in cfg:
+            raise ValueError(f"roi_layer must be a dict with a 'type' (e.g. DeformRoIPoolPack), got {cfg!r}")
+        given = [k for k, v in unused.items() if v is not None]
+        if given:
+            raise ValueError(f"roi_layer replaces {', '.join(given)}: set them inside roi_layer")
+        if "spatial_scale" in cfg:
+            raise ValueError("roi_layer must not set spatial_scale: each level's is 1 / its featmap stride")
+        if cfg.get("output_size", output_size) != output_size:
+            raise ValueError(f"roi_layer.output_size ({cfg['output_size']}) differs from the extractor's "
+                             f"({output_size})")
+        base = current_path()
+        path = f"{base}.roi_layer" if base else "roi_layer"
+        self.roi_layers = nn.ModuleList(build(cfg, path, output_size=output_size, spatial_scale=1.0 / s)
+                                        for s in strides)
+
     def pool(self, feat: torch.Tensor, rois: torch.Tensor, stride: int) -> torch.Tensor:
+        if self.roi_layers is not None:
+            return self.roi_layers[self.featmap_strides.index(stride)](feat, rois)
         if self.roi_type == "RoIPool":
             return roi_pool(feat, rois, self.output_size, 1.0 / stride)
         return roi_align(feat, rois, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned)
