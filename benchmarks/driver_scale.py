@@ -10,7 +10,8 @@ category ids, a polygon on every box, COCO's image sizes and fields) and measure
                 the build only, no image is decoded): wall time of each, the process's peak RSS;
   workers       what each training worker pays to receive the records the way ``raydet train`` ships them today:
                 the driver ``ray.put``s the datasets dict, the ref travels inside the train loop config, and each
-                worker ``ray.get``s it (``raydet/train.py``, ``train_loop_per_worker``), then takes its shard
+                worker ``ray.get``s it with the cyclic GC paused (``raydet/train.py``, ``train_loop_per_worker``),
+                then takes its shard
                 (``shard_records``). Measured in ``--workers`` Ray actors at once: seconds, RSS and private
                 (unshared) memory before and after. The serialised size is the records' pickle (protocol 5, NumPy
                 arrays out of band, as Ray stores them).
@@ -194,10 +195,12 @@ class _Receiver:
         import ray
 
         from raydet.commands.loaders import shard_records
+        from raydet.data.datasets import gc_paused
 
         before = memory()
         t = time.perf_counter()
-        datasets = ray.get(refs[0])
+        with gc_paused():  # as train_loop_per_worker
+            datasets = ray.get(refs[0])
         get_s = time.perf_counter() - t
         after = memory()
         t = time.perf_counter()

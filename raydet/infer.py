@@ -42,10 +42,14 @@ image as the dataset readers do (:mod:`raydet.data.image_io`). ``ignore`` keeps 
 Outputs in ``--out`` (default ``<work_dir>/<pipeline name>/infer``):
 
 * ``results.json`` (``--format coco``, default): COCO result entries ``{image_id, category_id, bbox: [x, y, w, h]
-  (2 decimals), score}`` plus ``segmentation`` (compressed RLE) for mask models;
+  (2 decimals), score}`` plus ``segmentation`` (compressed RLE) for mask models, and ``mask_score`` for a model that
+  scores its masks (Mask Scoring R-CNN: the box's classification score x the predicted MaskIoU, Huang et al. 2019,
+  Sec. 3.2; ``score`` stays the box's). COCO ``segm`` evaluation should rank masks by ``mask_score`` (MMDetection's
+  segm results do; :func:`raydet.evaluation.evaluate_coco` does); pycocotools' ``loadRes`` ranks by ``score``;
 * ``results.parquet`` (``--format parquet``): one row per detection: ``image_id, file_name, height, width, label,
   category_id, class_name, score, x1, y1, x2, y2`` (float32, not rounded) and ``segmentation`` (RLE counts) for
-  mask models; images without detections have no row (they are in ``images.json``);
+  mask models, then ``mask_score`` (float32) for a model that scores its masks; images without detections have no
+  row (they are in ``images.json``);
   ``--format coco,parquet`` writes both;
 * ``vis/<stem>.png`` (``--draw``; ``<stem>_<image id>.png`` when two files share a stem): the image with the boxes
   (and masks) scoring >= ``--score-thr``, class names and scores (drawn by the actors; on a multi-node cluster
@@ -86,7 +90,7 @@ from raydet.data.image_io import EXIF_ORIENTATION_POLICIES
 from raydet.data.ray_data import rows_to_columns
 
 __all__ = ["main", "infer", "collect_images", "ImageSet", "DetectionPredictor", "draw_detections",
-           "IMAGE_EXTENSIONS", "inference_pipeline", "checkpoint_classes"]
+           "IMAGE_EXTENSIONS", "inference_pipeline", "checkpoint_classes", "row_prediction"]
 
 log = logging.getLogger("raydet")
 
@@ -436,6 +440,8 @@ class DetectionPredictor:
         index, image_id (int64), path (str), height, width (int64, of the decoded image; 0 on error)
         boxes   float32 (n, 4) x1, y1, x2, y2 in original-image pixels; scores float32 (n,); labels int64 (n,)
         masks   str: the n masks' compressed COCO RLE counts joined by spaces ("" without a mask head)
+        mask_scores float32 (n,): the masks' scores where the model predicts them (``mask_scores``, Mask Scoring
+                R-CNN), else empty
         error   str: why the image could not be used ("" if it was); error_kind str
 
     Args:
@@ -517,7 +523,8 @@ class DetectionPredictor:
             rows.append({"index": int(batch["index"][i]), "image_id": int(batch["image_id"][i]),
                          "path": str(batch["path"][i]), "height": 0, "width": 0,
                          "boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
-                         "labels": np.zeros(0, np.int64), "masks": "", "error": "", "error_kind": ""})
+                         "labels": np.zeros(0, np.int64), "masks": "", "mask_scores": np.zeros(0, np.float32),
+                         "error": "", "error_kind": ""})
             try:
                 sample, image = self._load(batch, i)
             except (OSError, ValueError) as exc:
@@ -541,6 +548,8 @@ class DetectionPredictor:
                 masks = pred.get("masks")
                 masks = None if masks is None else masks.detach().cpu().numpy().astype(bool)
                 rows[i].update(boxes=boxes, scores=scores, labels=labels)
+                if pred.get("mask_scores") is not None:
+                    rows[i]["mask_scores"] = pred["mask_scores"].detach().float().cpu().numpy().reshape(-1)
                 if masks is not None:
                     rows[i]["masks"] = " ".join(bitmap_to_rle(m)["counts"] for m in masks)
                 vis_path = str(batch["vis_path"][i])
@@ -555,6 +564,26 @@ class DetectionPredictor:
                     elif not cv2.imwrite(vis_path, drawn):
                         raise OSError(f"cannot write {vis_path}")
         return rows_to_columns(rows)
+
+
+def row_prediction(cols: dict[str, np.ndarray], i: int, with_mask_scores: bool) -> dict[str, np.ndarray]:
+    """Row ``i`` of a :class:`DetectionPredictor` output batch -> ``{"boxes" (n, 4) float32, "scores" (n,) float32,
+    "labels" (n,) int64}`` plus ``"mask_scores"`` (n,) float32 when ``with_mask_scores`` (the model's roi_head has
+    ``predicts_mask_scores``), as :func:`raydet.evaluation.predictions_to_coco_results` takes them.
+
+    Raises:
+        ValueError: ``with_mask_scores`` and the row has not one mask score per detection.
+    """
+    pred = {"boxes": np.asarray(cols["boxes"][i], np.float32).reshape(-1, 4),
+            "scores": np.asarray(cols["scores"][i], np.float32).reshape(-1),
+            "labels": np.asarray(cols["labels"][i], np.int64).reshape(-1)}
+    if with_mask_scores:
+        mask_scores = np.asarray(cols["mask_scores"][i], np.float32).reshape(-1)
+        if len(mask_scores) != len(pred["scores"]):
+            raise ValueError(f"image id {int(cols['image_id'][i])}: {len(pred['scores'])} detections but "
+                             f"{len(mask_scores)} mask_scores from the model")
+        pred["mask_scores"] = mask_scores
+    return pred
 
 
 # --------------------------------------------------------------------------------------------------- writers
@@ -586,24 +615,27 @@ class _JsonArrayWriter:
 class _ParquetWriter:
     """One row per detection (see the module docstring), one row group per chunk of images."""
 
-    def __init__(self, path: str, with_masks: bool):
+    def __init__(self, path: str, with_masks: bool, with_mask_scores: bool = False):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.pa, self.path, self.tmp, self.with_masks = pa, path, path + ".tmp", with_masks
+        self.with_mask_scores = with_mask_scores
         fields = [("image_id", pa.int64()), ("file_name", pa.string()), ("height", pa.int32()),
                   ("width", pa.int32()), ("label", pa.int64()), ("category_id", pa.int64()),
                   ("class_name", pa.string()), ("score", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
                   ("x2", pa.float32()), ("y2", pa.float32())]
         if with_masks:
             fields.append(("segmentation", pa.string()))
+        if with_mask_scores:
+            fields.append(("mask_score", pa.float32()))
         self.schema = pa.schema(fields)
         self.writer = pq.ParquetWriter(self.tmp, self.schema)
         self.pending: dict[str, list] = {f.name: [] for f in self.schema}
         self.count = 0
 
     def add(self, image_id: int, file_name: str, height: int, width: int, boxes, scores, labels, cat_ids,
-            class_names, rles: list[str] | None) -> None:
+            class_names, rles: list[str] | None, mask_scores=None) -> None:
         n = len(scores)
         p = self.pending
         p["image_id"] += [image_id] * n
@@ -618,6 +650,8 @@ class _ParquetWriter:
             p[key] += boxes[:, j].tolist()
         if self.with_masks:
             p["segmentation"] += rles if rles is not None else [""] * n
+        if self.with_mask_scores:
+            p["mask_score"] += mask_scores.tolist()
         self.count += n
 
     def flush(self) -> None:
@@ -789,6 +823,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
     load_model_weights(model, state["model"], source)
     classes, cat_ids = checkpoint_classes(state.get("meta") or {}, model, source)
     with_masks = bool(getattr(getattr(model, "roi_head", None), "with_mask", False))
+    with_mask_scores = bool(getattr(getattr(model, "roi_head", None), "predicts_mask_scores", False))
     proposals = _image_proposals(proposal_file, image_set.images, type(model).__name__,
                                  getattr(model, "requires_proposals", False))
     del model
@@ -837,7 +872,7 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
             json_writer = _JsonArrayWriter(folder.path("results.json"))
             writers.append(json_writer)
         if "parquet" in formats:
-            parquet_writer = _ParquetWriter(folder.path("results.parquet"), with_masks)
+            parquet_writer = _ParquetWriter(folder.path("results.parquet"), with_masks, with_mask_scores)
             writers.append(parquet_writer)
         for cols in stream:
             for i in range(len(cols["index"])):
@@ -848,20 +883,18 @@ def infer(cfg, checkpoint: str, inputs: list[str], out_dir: str, *, formats=("co
                     continue
                 image_id, path = int(cols["image_id"][i]), str(cols["path"][i])
                 h, w = int(cols["height"][i]), int(cols["width"][i])
-                boxes = np.asarray(cols["boxes"][i], np.float32).reshape(-1, 4)
-                scores = np.asarray(cols["scores"][i], np.float32).reshape(-1)
-                labels = np.asarray(cols["labels"][i], np.int64).reshape(-1)
-                rles = str(cols["masks"][i]).split(" ") if with_masks and len(scores) else None
+                pred = row_prediction(cols, i, with_mask_scores)
+                rles = str(cols["masks"][i]).split(" ") if with_masks and len(pred["scores"]) else None
                 done.append({"id": image_id, "file_name": path, "height": h, "width": w})
-                detections += len(scores)
+                detections += len(pred["scores"])
                 if json_writer is not None:
-                    entries = predictions_to_coco_results([{"boxes": boxes, "scores": scores, "labels": labels}],
-                                                          [image_id], cat_ids)
+                    entries = predictions_to_coco_results([pred], [image_id], cat_ids)
                     for e, counts in zip(entries, rles or ()):
                         e["segmentation"] = {"size": [h, w], "counts": counts}
                     json_writer.write(entries)
                 if parquet_writer is not None:
-                    parquet_writer.add(image_id, path, h, w, boxes, scores, labels, cat_ids, classes, rles)
+                    parquet_writer.add(image_id, path, h, w, pred["boxes"], pred["scores"], pred["labels"], cat_ids,
+                                       classes, rles, pred.get("mask_scores"))
             if parquet_writer is not None:
                 parquet_writer.flush()
     except BaseException:

@@ -32,6 +32,7 @@ from raydet.commands.runner_builder import build_runner, worker_setup
 from raydet.commands.sections import build_datasets, resolve_progress, work_dir_of
 from raydet.commands.validation import validate_pipeline
 from raydet.config import Config, load_config
+from raydet.data.datasets import gc_paused
 from raydet import fileio
 from raydet.engine.checkpoint import load_checkpoint
 from raydet.engine.dist import all_gather_object
@@ -64,7 +65,8 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
 
     cfg, sections, rank, world, device = worker_setup(config)
-    datasets = ray.get(config["datasets"][0])
+    with gc_paused():  # unpickling the records makes millions of objects: 3x faster without the cyclic GC
+        datasets = ray.get(config["datasets"][0])
 
     def report(metrics: dict, state: dict | None):
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import raydet.models  # noqa: F401  (registers the components)
+from raydet.config import load_config
 from raydet.data.collate import collate_samples
 from raydet.models.losses import CrossEntropyLoss
 from raydet.models.roi_heads.grid_roi_head import jitter_boxes
 from raydet.models.roi_heads.mask_heads.grid_head import (GridHead, grid_points_to_boxes, grid_sub_regions,
                                                          grid_targets)
-from test_detectors import TINY, TINY_RPN, _ap, _train, build_from_pipeline, small_shapes  # noqa: F401
+from test_detectors import PIPELINES, TINY, TINY_RPN, _ap, _train, build_from_pipeline, small_shapes  # noqa: F401
 
 
 def test_sub_regions_of_a_3x3_grid_on_a_56_map():
@@ -159,3 +161,63 @@ def test_grid_rcnn_overfits_a_few_images(small_shapes):  # noqa: F811
     assert last["loss_cls"] < 0.5 * first["loss_cls"] and last["loss_grid"] < 0.95 * first["loss_grid"]
     metrics = _ap(model, batch, records)
     assert metrics["bbox/AP50"] > 0.9, metrics
+
+
+def test_grid_roi_head_with_ohem_trains_on_the_hardest_rois():
+    """The tiny grid RoI head with an OHEMSampler(num 8, 25% positives) on hand-made proposals of one 64 px image.
+
+    gts g0 (6, 6, 30, 30) label 0 and g1 (34, 28, 60, 58) label 2 (added as proposals: candidates 0, 1); five
+    shifted copies of them (IoU 0.85-0.92, candidates 2-6) are positives; twelve 12 x 12 boxes (IoU <= 144 / 576 =
+    0.25 with either gt, candidates 7-18) are negatives. The per-candidate losses are recomputed here with
+    F.cross_entropy on the box head's scores (label: the gt's, 3 = background for the negatives): the sampled
+    positives must be the 2 of highest loss of the 7, the negatives the 6 of highest loss of the 12; loss_cls is the
+    mean cross-entropy over those 8, and the grid head's targets are built for exactly the 2 sampled positives
+    (jitter 0: their boxes unchanged) against their own gts."""
+    cfg = load_config(PIPELINES / "grid_rcnn_r50_fpn_gn-head_2x_coco.yaml", TINY + TINY_GRID + [
+        "model.roi_head.sampler={_delete_: true, type: OHEMSampler, num: 8, pos_fraction: 0.25}",
+        "model.roi_head.jitter_amplitude=0.0"])
+    torch.manual_seed(0)
+    head = cfg.build("model.roi_head").train()
+    assert type(head.sampler).__name__ == "OHEMSampler"
+    feats = tuple(torch.randn(1, 64, 64 // s, 64 // s) for s in (4, 8, 16, 32, 64))  # the FPN's P2-P6
+    gt = torch.tensor([[6.0, 6.0, 30.0, 30.0], [34.0, 28.0, 60.0, 58.0]])
+    gt_labels = torch.tensor([0, 2])
+    pos = torch.tensor([[7.0, 6.0, 31.0, 30.0], [6.0, 8.0, 30.0, 32.0], [5.0, 5.0, 29.0, 29.0],
+                        [35.0, 29.0, 61.0, 58.0], [33.0, 28.0, 59.0, 57.0]])
+    neg = torch.tensor([[x, y, x + 12.0, y + 12.0] for y in (0.0, 46.0) for x in (0.0, 10.0, 20.0, 30.0, 40.0, 50.0)])
+    proposals = torch.cat([pos, neg])
+    candidates = torch.cat([gt, proposals])
+    labels = torch.tensor([0, 2, 0, 0, 0, 2, 2] + [3] * 12)
+    with torch.no_grad():
+        rois = torch.cat([torch.zeros(19, 1), candidates], 1)
+        scores = head.bbox_head(head.bbox_roi_extractor(feats, rois))[0]
+    ce = F.cross_entropy(scores, labels, reduction="none")
+    hard_pos = sorted(ce[:7].topk(2).indices.tolist())
+    hard_neg = sorted((7 + ce[7:].topk(6).indices).tolist())
+    assert ce[7:].topk(7).values[5] > ce[7:].topk(7).values[6] and ce[:7].topk(3).values[1] > ce[:7].topk(3).values[2]
+
+    seen = {}
+    sample, targets = head.sample, head.grid_head.targets
+
+    def spy_sample(*args, **kwargs):
+        seen["samples"] = sample(*args, **kwargs)
+        return seen["samples"]
+
+    def spy_targets(boxes, gt_boxes):
+        seen["grid"] = (boxes, gt_boxes)
+        return targets(boxes, gt_boxes)
+
+    head.sample, head.grid_head.targets = spy_sample, spy_targets
+    batch = {"gt_boxes": [gt], "gt_labels": [gt_labels], "img_metas": [{"img_shape": (64, 64, 3)}]}
+    losses = head.loss(feats, [proposals], batch)
+    (res,) = seen["samples"]
+    assert res.pos_inds.tolist() == hard_pos and res.neg_inds.tolist() == hard_neg
+    sampled = hard_pos + hard_neg
+    torch.testing.assert_close(losses["loss_cls"].detach(), ce[sampled].mean(), rtol=1e-5, atol=1e-6)
+    grid_boxes, grid_gts = seen["grid"]
+    assert grid_boxes.shape == (2, 4)
+    match = torch.cdist(grid_boxes, candidates[hard_pos]).argmin(dim=1)  # the grid RoIs come in a random order
+    assert sorted(match.tolist()) == [0, 1]
+    torch.testing.assert_close(grid_boxes, candidates[hard_pos][match], rtol=0, atol=1e-4)
+    torch.testing.assert_close(grid_gts, gt[labels[hard_pos][match] // 2])  # label 0 -> g0, label 2 -> g1
+    assert torch.isfinite(losses["loss_grid"]) and losses["loss_grid"] > 0

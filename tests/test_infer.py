@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
 RETINANET = ROOT / "pipelines" / "retinanet_r50_fpn_1x_coco.yaml"
 MASK_RCNN = ROOT / "pipelines" / "mask_rcnn_r50_fpn_1x_coco.yaml"
+MS_RCNN = ROOT / "pipelines" / "ms_rcnn_r50_caffe_fpn_1x_coco.yaml"
 OVERRIDES = ["test_pipeline=[{type: Resize, scale: [96, 96]}, "
              "{type: Normalize, mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375]}, "
              "{type: Pad, size_divisor: 32}]"]
@@ -35,6 +36,9 @@ SMALL_MASK_RCNN = R18 + [
     "model.rpn_head.test_proposals.max_per_img=100", "model.roi_head.bbox_head.in_channels=64",
     "model.roi_head.bbox_head.fc_out_channels=256", "model.roi_head.mask_head.in_channels=64",
     "model.roi_head.mask_head.conv_out_channels=64", "model.roi_head.test.max_per_img=20"]
+SMALL_MS_RCNN = SMALL_MASK_RCNN + [  # and its MaskIoU head at the same widths
+    "model.roi_head.mask_iou_head.in_channels=64", "model.roi_head.mask_iou_head.conv_out_channels=64",
+    "model.roi_head.mask_iou_head.fc_out_channels=256"]
 CLASSES, CAT_IDS = ["rect", "ellipse", "triangle"], [3, 7, 11]  # non-contiguous ids: labels must be mapped
 BATCH = 2
 SCORE_THR = 0.5
@@ -258,12 +262,71 @@ def test_coco_json_input_keeps_its_image_ids(ray_session, tmp_path, capsys):
 
     table = pq.read_table(out / "results.parquet", columns=["image_id", "segmentation"]).to_pydict()
     assert table["segmentation"] == [r["segmentation"]["counts"] for r in results]
+    # Mask R-CNN scores its masks by the box score: no mask_score field or column
+    assert not any("mask_score" in r for r in results)
+    assert "mask_score" not in pq.read_schema(out / "results.parquet").names
     assert not (out / "images.json").exists()  # the json already maps ids to files
     gt = COCO(str(ann))
     dt = gt.loadRes(str(out / "results.json"))
     anns = dt.loadAnns(dt.getAnnIds())
     assert len(anns) == len(results) and {a["image_id"] for a in anns} == {10, 20, 30}
     assert all(a["area"] > 0 for a in anns)
+
+
+def test_mask_scoring_rcnn_mask_scores_are_written(tmp_path):
+    """Mask Scoring R-CNN (untrained, tiny) without Ray: the actor's row carries the model's ``mask_scores``, which
+    equal score x the MaskIoU head's output at each detection's class (read from the head by a hook, Huang et al.
+    2019, Sec. 3.2), and the driver's conversion writes them as ``mask_score`` in results.json's entries and the
+    parquet's last column, one per detection, with the box ``score`` unchanged."""
+    import pyarrow.parquet as pq
+
+    from raydet.data.collate import collate_detection
+    from raydet.evaluation.coco import predictions_to_coco_results
+    from raydet.infer import DetectionPredictor, _ParquetWriter, inference_pipeline, row_prediction
+
+    cfg = load_config(MS_RCNN, SMALL_MS_RCNN + OVERRIDES)
+    torch.manual_seed(0)
+    model = cfg.build("model").eval()
+    with torch.no_grad():
+        model.roi_head.bbox_head.fc_cls.bias.copy_(torch.tensor([1.0, 2.5, 0.0, -2.0]))
+    assert model.roi_head.predicts_mask_scores
+    write_image(tmp_path / "a.png", 48, 72, seed=0)
+    batch = {"index": np.array([0]), "image_id": np.array([7]), "path": np.array([str(tmp_path / "a.png")]),
+             "height": np.array([0]), "width": np.array([0]), "vis_path": np.array([""])}
+    threads = torch.get_num_threads()
+    try:
+        predictor = DetectionPredictor(cfg.data, cfg.path, cfg.origins, [model.state_dict()], "test weights",
+                                       inference_pipeline(cfg))
+        cols = predictor(batch)
+        sample, _ = predictor._load(batch, 0)
+        iou_pred = []
+        hook = model.roi_head.mask_iou_head.register_forward_hook(lambda m, i, o: iou_pred.append(o))
+        with torch.no_grad():
+            (ref,) = model(collate_detection([sample], predictor.collate_cfg), mode="predict")
+        hook.remove()
+    finally:
+        torch.set_num_threads(threads)
+    assert cols["error"][0] == ""
+    pred = row_prediction(cols, 0, with_mask_scores=True)
+    n = len(pred["scores"])
+    assert n > 0 and pred["mask_scores"].shape == (n,)
+    by_hand = ref["scores"] * iou_pred[0][torch.arange(n), ref["labels"]]
+    np.testing.assert_allclose(pred["mask_scores"], ref["mask_scores"].numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred["mask_scores"], by_hand.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(pred["mask_scores"], pred["scores"])
+
+    entries = predictions_to_coco_results([pred], [7], CAT_IDS)
+    np.testing.assert_allclose([e["mask_score"] for e in entries], ref["mask_scores"].numpy(), rtol=1e-5)
+    np.testing.assert_allclose([e["score"] for e in entries], ref["scores"].numpy(), rtol=1e-5)
+    writer = _ParquetWriter(str(tmp_path / "results.parquet"), with_masks=True, with_mask_scores=True)
+    writer.add(7, "a.png", 48, 72, pred["boxes"], pred["scores"], pred["labels"], CAT_IDS, CLASSES,
+               str(cols["masks"][0]).split(" "), pred["mask_scores"])
+    writer.close()
+    table = pq.read_table(tmp_path / "results.parquet")
+    assert table.column_names[-2:] == ["segmentation", "mask_score"]
+    np.testing.assert_allclose(table.column("mask_score").to_pylist(), ref["mask_scores"].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"image id 7: \d+ detections but 0 mask_scores"):
+        row_prediction({**cols, "mask_scores": np.array([np.zeros(0, np.float32)], dtype=object)}, 0, True)
 
 
 # ----------------------------------------------------------------------------------------------------------

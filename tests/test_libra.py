@@ -21,7 +21,8 @@ from raydet.models.non_local import NonLocal2d
 from raydet.models.task_modules.assigners.assign_result import AssignResult
 from raydet.models.task_modules.samplers import (CombinedSampler, InstanceBalancedPosSampler, IoUBalancedNegSampler,
                                                  RandomSampler)
-from test_detectors import PIPELINES, TINY, TINY_ROI, TINY_RPN, _ap, _train, build_from_pipeline, shapes  # noqa: F401
+from test_detectors import (PIPELINES, TINY, TINY_RETINA, TINY_ROI, TINY_RPN, _ap, _train,  # noqa: F401
+                            build_from_pipeline, small_shapes)
 
 # The list neck [FPN, BFP] of the Libra pipelines, at test_detectors' tiny sizes
 TINY_LIBRA = [t for t in TINY if not t.startswith("model.neck")] + [
@@ -179,13 +180,27 @@ def test_non_local_block_on_two_pixels_follows_the_paper_formula():
 
 # ------------------------------------------------------------------------------------------------------ overfitting
 
-def test_libra_faster_rcnn_overfits_a_few_images(shapes):  # noqa: F811
-    samples, records = shapes
-    torch.manual_seed(0)
+def test_libra_faster_rcnn_overfits_a_few_images(small_shapes):  # noqa: F811
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2: AP50 1.0
     model = build_from_pipeline("libra_faster_rcnn_r50_fpn_1x_coco.yaml", TINY_LIBRA + TINY_RPN + TINY_ROI)
     assert type(model.neck[1]).__name__ == "BFP" and type(model.roi_head.sampler).__name__ == "CombinedSampler"
     batch = collate_samples(samples)
-    first, last = _train(model, batch, 40)  # AP50 1.0 at 40 iterations (60 for Faster R-CNN)
+    first, last = _train(model, batch, 40, lr=2e-3, warmup=10, fused=True)
+    assert sum(last.values()) < 0.5 * sum(first.values())
+    metrics = _ap(model, batch, records)
+    assert metrics["bbox/AP50"] > 0.9, metrics
+
+
+def test_libra_retinanet_overfits_a_few_images(small_shapes):  # noqa: F811
+    """RetinaNet with the [FPN, BFP] neck and the balanced L1 loss (libra_retinanet_r50_fpn_1x_coco.yaml), trained
+    as test_detectors' RetinaNet on its two 64 px images."""
+    samples, records = small_shapes
+    torch.manual_seed(0)  # seeds 0, 1, 2 all pass
+    model = build_from_pipeline("libra_retinanet_r50_fpn_1x_coco.yaml", TINY_LIBRA + TINY_RETINA)
+    assert type(model.neck[1]).__name__ == "BFP" and type(model.bbox_head.loss_bbox).__name__ == "BalancedL1Loss"
+    batch = collate_samples(samples)
+    first, last = _train(model, batch, 80, lr=2e-3, warmup=10, fused=True)
     assert sum(last.values()) < 0.5 * sum(first.values())
     metrics = _ap(model, batch, records)
     assert metrics["bbox/AP50"] > 0.9, metrics

@@ -15,6 +15,8 @@ looked at (``check_images``) and the EXIF orientation its decoders apply is stor
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import json
 import logging
 import math
@@ -39,7 +41,7 @@ from .transforms import Transform
 
 __all__ = ["DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
            "read_json", "load_json", "ImageFileLoader", "SyntheticImageLoader", "CorruptImageError",
-           "ImageSizeMismatchError", "image_file_problem", "check_image_files", "NoUsableImagesError"]
+           "ImageSizeMismatchError", "image_file_problem", "check_image_files", "NoUsableImagesError", "gc_paused"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +198,23 @@ class _Problems:
             raise ValueError(f"{self.source}: {self._summary()}\n(set on_error='skip' to drop the bad entries "
                              f"with a warning)")
         warnings.warn(f"{self.source}: skipped {self._summary()}", UserWarning, stacklevel=4)
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Pause Python's cyclic garbage collector in this block (then restore it as it was).
+
+    Reading a large annotation file creates millions of objects, and every automatic collection walks all the
+    objects it has promoted so far: on COCO train2017's shape that is about 45 % of the reading time. The objects
+    made here hold no reference cycles worth collecting; reference counting frees them as usual.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _check_on_error(on_error: str) -> None:
@@ -478,12 +497,13 @@ class CocoDataset(DetectionDataset):
         self.sources = self.ann_file
         self.filter_empty_gt, self.with_masks, self.on_error = filter_empty_gt, with_masks, on_error
         self._set_pipeline(pipeline)
-        data = load_json(self.ann_file)
-        self._read_categories(data["categories"], classes)
-        _check_num_classes(num_classes, self.classes, self.ann_file)
-        problems = _Problems(self.ann_file)
-        images = self._read_images(data["images"], problems)
-        records = self._read_annotations(data.get("annotations", []), images, problems)
+        with gc_paused():  # a COCO-sized file is millions of objects (see gc_paused)
+            data = load_json(self.ann_file)
+            self._read_categories(data["categories"], classes)
+            _check_num_classes(num_classes, self.classes, self.ann_file)
+            problems = _Problems(self.ann_file)
+            images = self._read_images(data["images"], problems)
+            records = self._read_annotations(data.get("annotations", []), images, problems)
         describe = lambda r: f"image id {r['image_id']} (file_name {r['file_name']!r})"  # noqa: E731
         if self.seg_prefix:
             for r in records:

@@ -20,7 +20,12 @@ __all__ = ["MaskScoringRoIHead"]
 @register
 class MaskScoringRoIHead(StandardRoIHead):
     """:class:`StandardRoIHead` with a mask branch and ``mask_iou_head``
-    (:class:`~raydet.models.roi_heads.mask_heads.MaskIoUHead`) on the mask branch's RoI features."""
+    (:class:`~raydet.models.roi_heads.mask_heads.MaskIoUHead`) on the mask branch's RoI features.
+
+    ``predicts_mask_scores``: its results carry ``mask_scores`` (``raydet infer`` writes them as ``mask_score``).
+    """
+
+    predicts_mask_scores = True
 
     def __init__(self, bbox_roi_extractor, bbox_head, assigner, sampler, mask_roi_extractor, mask_head,
                  mask_iou_head, test: DetectionConfig = DetectionConfig()):
