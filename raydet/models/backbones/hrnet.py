@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raydet.models.backbones.resnet import BasicBlock, Bottleneck, ResNet
-from raydet.models.norm import build_norm_layer, is_batchnorm
+from raydet.models.backbones.weight_init import (init_convs_and_norms, keep_batchnorms_in_eval,
+                                                 zero_init_last_norms)
+from raydet.models.norm import build_norm_layer
 from raydet.models.pretrained import read_state_dict
 from raydet.registry import closest, register
 
@@ -260,18 +262,9 @@ class HRNet(nn.Module):
     def init_weights(self) -> None:
         """Kaiming (fan_out, ReLU) convs, unit / zero norms (MMDetection's default init of HRNet), optional zero
         gamma of each block's last norm; then ``init_cfg``."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self)
         if self.zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    weight = getattr(m.last_norm, "weight", None)
-                    if isinstance(weight, nn.Parameter) and weight.requires_grad:
-                        nn.init.zeros_(weight)
+            zero_init_last_norms(self, (BasicBlock, Bottleneck))
         if self.init_cfg is not None:
             load_hrnet_imagenet(self, self.init_cfg["checkpoint"], prefix=self.init_cfg.get("prefix"))
 
@@ -279,9 +272,7 @@ class HRNet(nn.Module):
         """Train mode, except that (with ``norm_eval``) every BatchNorm stays in eval mode."""
         super().train(mode)
         if mode and self.norm_eval:
-            for m in self.modules():
-                if is_batchnorm(m):
-                    m.eval()
+            keep_batchnorms_in_eval(self)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -12,7 +12,9 @@ import torch
 from torch import nn
 
 from raydet.models.conv import build_conv_layer
-from raydet.models.norm import build_norm_layer, is_batchnorm
+from raydet.models.backbones.weight_init import (init_convs_and_norms, keep_batchnorms_in_eval,
+                                                 zero_init_last_norms)
+from raydet.models.norm import build_norm_layer
 from raydet.models.plugins import build_plugin_layer
 from raydet.models.pretrained import load_pretrained
 from raydet.registry import build, closest, current_path, register
@@ -354,20 +356,9 @@ class ResNet(nn.Module):
                 # The deformable conv's own weight gets the conv init; its offset branch keeps its (zero) init.
                 if isinstance(getattr(m.conv2, "weight", None), torch.Tensor):
                     nn.init.kaiming_normal_(m.conv2.weight, mode="fan_out", nonlinearity="relu")
-        for m in self.modules():
-            if id(m) in plugin_inner:
-                continue
-            if isinstance(m, nn.Conv2d) and id(m) not in dcn_inner:
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self, skip=plugin_inner | dcn_inner)
         if self.zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    weight = getattr(m.last_norm, "weight", None)
-                    if isinstance(weight, nn.Parameter) and weight.requires_grad:
-                        nn.init.zeros_(weight)
+            zero_init_last_norms(self, (BasicBlock, Bottleneck))
         for plugin in plugins:
             if hasattr(plugin, "init_weights"):
                 plugin.init_weights()
@@ -388,9 +379,7 @@ class ResNet(nn.Module):
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
-            for m in self.modules():
-                if is_batchnorm(m):
-                    m.eval()
+            keep_batchnorms_in_eval(self)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

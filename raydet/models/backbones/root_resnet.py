@@ -19,7 +19,9 @@ from torch import nn
 
 from raydet.models.backbones.resnet import _ARCH, BasicBlock, Bottleneck
 from raydet.models.conv import build_conv_layer
-from raydet.models.norm import build_norm_layer, is_batchnorm
+from raydet.models.backbones.weight_init import (init_convs_and_norms, keep_batchnorms_in_eval,
+                                                 zero_init_last_norms)
+from raydet.models.norm import build_norm_layer
 from raydet.models.pretrained import load_pretrained
 from raydet.registry import register
 
@@ -118,17 +120,9 @@ class RootResNet(nn.Module):
 
     def init_weights(self) -> None:
         """Kaiming-normal (fan_out, ReLU) convs, unit / zero norms, optionally zero last gammas; then ``init_cfg``."""
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.modules.batchnorm._NormBase, nn.GroupNorm)) and m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_convs_and_norms(self)
         if self.zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)) and isinstance(getattr(m.last_norm, "weight", None),
-                                                                          nn.Parameter):
-                    nn.init.zeros_(m.last_norm.weight)
+            zero_init_last_norms(self, (BasicBlock, Bottleneck))
         if self.init_cfg is not None:
             load_pretrained(self, self.init_cfg["checkpoint"], prefix=self.init_cfg.get("prefix"))
 
@@ -145,9 +139,7 @@ class RootResNet(nn.Module):
         super().train(mode)
         self._freeze_stages()
         if mode and self.norm_eval:
-            for m in self.modules():
-                if is_batchnorm(m):
-                    m.eval()
+            keep_batchnorms_in_eval(self)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
