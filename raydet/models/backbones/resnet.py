@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from raydet.models.conv import build_conv_layer
-from raydet.models.backbones.weight_init import (init_convs_and_norms, keep_batchnorms_in_eval,
+from raydet.models.backbones.weight_init import (freeze, init_convs_and_norms, keep_batchnorms_in_eval,
                                                  zero_init_last_norms)
 from raydet.models.norm import build_norm_layer
 from raydet.models.plugins import build_plugin_layer
@@ -368,11 +368,7 @@ class ResNet(nn.Module):
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        frozen = [self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]
-        for m in frozen:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+        freeze([self.conv1, self.bn1] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)])
 
     def train(self, mode: bool = True) -> "ResNet":
         """Train mode, except that frozen stages and (with ``norm_eval``) all BatchNorms stay in eval mode."""

@@ -19,7 +19,7 @@ from torch import nn
 
 from raydet.models.backbones.resnet import _ARCH, BasicBlock, Bottleneck
 from raydet.models.conv import build_conv_layer
-from raydet.models.backbones.weight_init import (init_convs_and_norms, keep_batchnorms_in_eval,
+from raydet.models.backbones.weight_init import (freeze, init_convs_and_norms, keep_batchnorms_in_eval,
                                                  zero_init_last_norms)
 from raydet.models.norm import build_norm_layer
 from raydet.models.pretrained import load_pretrained
@@ -129,10 +129,7 @@ class RootResNet(nn.Module):
     def _freeze_stages(self) -> None:
         if self.frozen_stages < 0:
             return
-        for m in [self.stem] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)]:
-            m.eval()
-            for p in m.parameters():
-                p.requires_grad_(False)
+        freeze([self.stem] + [getattr(self, f"layer{i}") for i in range(1, self.frozen_stages + 1)])
 
     def train(self, mode: bool = True) -> "RootResNet":
         """Train mode, except frozen stages and (with ``norm_eval``) every BatchNorm, kept in eval mode."""

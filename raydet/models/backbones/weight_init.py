@@ -7,7 +7,7 @@ from torch import nn
 
 from raydet.models.norm import is_batchnorm
 
-__all__ = ["init_convs_and_norms", "zero_init_last_norms", "keep_batchnorms_in_eval"]
+__all__ = ["init_convs_and_norms", "zero_init_last_norms", "keep_batchnorms_in_eval", "freeze"]
 
 
 def init_convs_and_norms(module: nn.Module, skip: frozenset[int] | set[int] = frozenset()) -> None:
@@ -38,3 +38,11 @@ def keep_batchnorms_in_eval(module: nn.Module) -> None:
     for m in module.modules():
         if is_batchnorm(m):
             m.eval()
+
+
+def freeze(modules) -> None:
+    """Each module of ``modules`` in eval mode with its parameters frozen (a backbone's ``frozen_stages``)."""
+    for m in modules:
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(False)
