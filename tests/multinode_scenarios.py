@@ -36,6 +36,9 @@ import time
 import traceback
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _polling import wait_for  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "pipelines" / "quickstart.yaml"
 EVENT_TIMEOUT_S = 240.0
@@ -70,16 +73,8 @@ def _free_port() -> int:
 
 
 def _wait_for(condition, what: str, stop: threading.Event | None = None, timeout_s: float = EVENT_TIMEOUT_S):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if stop is not None and stop.is_set():
-            raise AssertionError(f"{what} (the run ended first)")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (waited {timeout_s:.0f} s)")
-        time.sleep(0.05)
+    """:func:`_polling.wait_for` with this script's deadline."""
+    return wait_for(condition, what, timeout_s, stop)
 
 
 def _records(log_file: Path, mode: str | None = None) -> list[dict]:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _polling import wait_for
 from raydet.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +41,8 @@ def _train_workers() -> list:
 
 def _wait_for(condition, what: str, timeout_s: float = EVENT_TIMEOUT_S, stop: threading.Event | None = None,
               poll_s: float = 0.05):
-    """Poll ``condition()`` until it returns something true (returned); raise AssertionError saying ``what`` never
-    happened after ``timeout_s``, or as soon as ``stop`` is set (nothing left to wait for)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if stop is not None and stop.is_set():
-            raise AssertionError(f"{what} (the run ended first)")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} (waited {timeout_s:.0f} s)")
-        time.sleep(poll_s)
+    """:func:`_polling.wait_for` with this module's deadline."""
+    return wait_for(condition, what, timeout_s, stop, poll_s)
 
 
 def _kill_paused_worker(marker: Path, registered: Path, release: Path, outcome: dict, done: threading.Event) -> None:
