@@ -4,17 +4,20 @@ Writes a synthetic annotation file with COCO train2017's shape (118,287 images, 
 category ids, a polygon on every box, COCO's image sizes and fields) and measures, each part in a fresh process:
 
   pycocotools   ``pycocotools.coco.COCO(ann_file)`` on the same file: the anchor (wall time, peak RSS);
-  driver        raydet's reading + validation + records (``CocoDataset`` with ``check_images: false``), then one
-                training epoch's Ray Dataset as a Train worker builds it at world size 1
-                (:func:`raydet.commands.loaders.shard_records` + :func:`raydet.data.ray_data.build_ray_dataset`;
-                the build only, no image is decoded): wall time of each, the process's peak RSS;
-  workers       what each training worker pays to receive the records the way ``raydet train`` ships them today:
-                the driver ``ray.put``s the datasets dict, the ref travels inside the train loop config, and each
-                worker ``ray.get``s it with the cyclic GC paused (``raydet/train.py``, ``train_loop_per_worker``),
-                then takes its shard
-                (``shard_records``). Measured in ``--workers`` Ray actors at once: seconds, RSS and private
-                (unshared) memory before and after. The serialised size is the records' pickle (protocol 5, NumPy
-                arrays out of band, as Ray stores them).
+  driver        raydet's reading + validation + records (``CocoDataset`` with ``check_images: false``, which packs
+                the records into a ``RecordTable``), shipping them (:func:`raydet.commands.loaders.put_datasets`:
+                one ``ray.put`` of the table), then one training epoch's Ray Dataset as a Train worker builds it at
+                world size 1 (:func:`raydet.commands.loaders.shard_records` +
+                :func:`raydet.data.ray_data.build_ray_dataset` reading the shipped table; the build only, no image
+                is decoded): wall time of each, the process's peak RSS;
+  workers       what each training worker pays to receive the records the way ``raydet train`` ships them: the
+                refs travel inside the train loop config and each worker calls
+                :func:`raydet.commands.loaders.get_datasets` (``train_loop_per_worker``), then takes its shard
+                (``shard_records``) and reads one record of it. Measured in ``--workers`` Ray actors at once:
+                seconds, RSS and private (unshared) memory before and after: the table's columns are NumPy views
+                of the node's one copy in the object store, so they count in RSS as shared pages, not as private
+                memory. The serialised size is the records' pickle (protocol 5, NumPy arrays out of band, as Ray
+                stores them).
 
 The file is kept under ``--scratch`` (reused when it exists; ``--clean`` removes it at the end). Targets (issue 14):
 driver path (reading + Ray Dataset) <= 2x pycocotools' time and <= 4 GiB peak; per-worker record memory <= 0.2 GiB.
@@ -191,24 +194,26 @@ class _Receiver:
         import raydet.commands.loaders  # noqa: F401  (a worker has raydet imported before the records arrive)
         import raydet.data  # noqa: F401
 
-    def receive(self, refs: list, rank: int, world: int) -> dict:
-        import ray
-
-        from raydet.commands.loaders import shard_records
-        from raydet.data.datasets import gc_paused
+    def receive(self, shipped: dict, rank: int, world: int) -> dict:
+        from raydet.commands.loaders import get_datasets, shard_records
 
         before = memory()
         t = time.perf_counter()
-        with gc_paused():  # as train_loop_per_worker
-            datasets = ray.get(refs[0])
+        datasets, _ = get_datasets(shipped)  # as train_loop_per_worker
         get_s = time.perf_counter() - t
         after = memory()
         t = time.perf_counter()
         shard = shard_records(datasets["train"].records, rank, world, 0, 0, pad=True)
         shard_s = time.perf_counter() - t
+        t = time.perf_counter()
+        boxes = sum(len(r["boxes"]) for r in shard)  # every record of the shard, as an epoch's decoding reads them
+        read_all_s = time.perf_counter() - t
+        touched = memory()
         return {"rank": rank, "get_s": round(get_s, 3), "shard_s": round(shard_s, 3), "shard_images": len(shard),
                 "rss_delta": after["rss"] - before["rss"], "private_delta": after["private"] - before["private"],
-                "rss_after": after["rss"], "rss_delta_with_shard": memory()["rss"] - before["rss"]}
+                "rss_after": after["rss"], "read_all_s": round(read_all_s, 3), "shard_boxes": boxes,
+                "rss_delta_after_reading": touched["rss"] - before["rss"],
+                "private_delta_after_reading": touched["private"] - before["private"]}
 
 
 def _serialized_size(obj) -> tuple[int, int]:
@@ -225,7 +230,7 @@ def _serialized_size(obj) -> tuple[int, int]:
 def part_driver(args) -> dict:
     import ray
 
-    from raydet.commands.loaders import shard_records, with_records
+    from raydet.commands.loaders import put_datasets, shard_records, with_records
     from raydet.data import CocoDataset
     from raydet.data.ray_data import build_ray_dataset
 
@@ -244,22 +249,23 @@ def part_driver(args) -> dict:
     out["records"] = len(ds.records)
     out["boxes"] = int(sum(len(r["labels"]) for r in ds.records))
 
+    datasets = {"train": ds}
+    t = time.perf_counter()
+    shipped = put_datasets(datasets)
+    out["put_s"] = round(time.perf_counter() - t, 3)
+
     t = time.perf_counter()
     records = shard_records(ds.records, 0, 1, 0, 0, pad=True)
-    rd = build_ray_dataset(with_records(ds, records), train=True, seed=0, epoch=0, num_actors=1)
+    rd = build_ray_dataset(with_records(ds, records), train=True, seed=0, epoch=0, num_actors=1,
+                           records_ref=shipped["records"]["train"])
     out["ray_dataset_s"] = round(time.perf_counter() - t, 3)
     del rd, records
     out["peak_rss"] = memory()["peak_rss"]
-
-    datasets = {"train": ds}
-    t = time.perf_counter()
-    refs = [ray.put(datasets)]
-    out["put_s"] = round(time.perf_counter() - t, 3)
-    out["pickle_inband_bytes"], out["pickle_buffer_bytes"] = _serialized_size(datasets)
+    out["pickle_inband_bytes"], out["pickle_buffer_bytes"] = _serialized_size(ds.records)
     receiver = ray.remote(num_cpus=0)(_Receiver)
     actors = [receiver.remote() for _ in range(args.workers)]
     ray.get([a.__ray_ready__.remote() for a in actors])
-    out["workers"] = ray.get([a.receive.remote(refs, rank, args.workers) for rank, a in enumerate(actors)])
+    out["workers"] = ray.get([a.receive.remote(shipped, rank, args.workers) for rank, a in enumerate(actors)])
     ray.shutdown()
     return out
 
@@ -321,7 +327,7 @@ def main(argv=None) -> dict:
 
     coco = _run_part("pycocotools", args)
     driver = _run_part("driver", args)
-    driver_s = driver["read_s"] + driver["ray_dataset_s"]
+    driver_s = driver["read_s"] + driver["put_s"] + driver["ray_dataset_s"]
     results = {
         "file": {"images": args.images, "annotations": annotations, "bytes": size, "generated": generated},
         "pycocotools": coco, "driver": driver,
@@ -336,17 +342,20 @@ def main(argv=None) -> dict:
     rows.append(("pycocotools COCO(ann_file)", coco["seconds"], "1.00", _gib(coco["peak_rss"])))
     rows.append(("raydet read + validate + records", driver["read_s"],
                  f"{results['ratios']['read_vs_pycocotools']:.2f}", _gib(driver["read_peak_rss"])))
+    rows.append(("+ ship the records (ray.put)", driver["put_s"], "", ""))
     rows.append(("+ one epoch's Ray Dataset", driver["ray_dataset_s"], "", _gib(driver["peak_rss"])))
     rows.append(("driver path", round(driver_s, 3), f"{results['ratios']['driver_vs_pycocotools']:.2f}",
                  _gib(driver["peak_rss"])))
     widths = [max(len(str(r[i])) for r in rows) for i in range(4)]
     for r in rows:
         print("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
-    print(f"records as shipped to workers: pickle {driver['pickle_inband_bytes'] / 1e6:.0f} MB in band + "
+    print(f"records as shipped to workers: pickle {driver['pickle_inband_bytes'] / 1e6:.1f} MB in band + "
           f"{driver['pickle_buffer_bytes'] / 1e6:.0f} MB NumPy buffers; ray.put {driver['put_s']} s")
     for w in driver["workers"]:
-        print(f"worker {w['rank']} of {args.workers}: ray.get {w['get_s']} s, RSS +{_gib(w['rss_delta'])} GiB "
-              f"(private +{_gib(w['private_delta'])} GiB), shard_records {w['shard_s']} s")
+        print(f"worker {w['rank']} of {args.workers}: get_datasets {w['get_s']} s, RSS +{_gib(w['rss_delta'])} GiB "
+              f"(private +{_gib(w['private_delta'])} GiB), shard_records {w['shard_s']} s; after reading all "
+              f"{w['shard_images']} records of its shard ({w['read_all_s']} s): RSS "
+              f"+{_gib(w['rss_delta_after_reading'])} GiB (private +{_gib(w['private_delta_after_reading'])} GiB)")
     if args.clean:
         args.ann_file.unlink()
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

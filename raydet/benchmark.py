@@ -419,11 +419,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _repeat_records(dataset, n: int):
     """A copy of ``dataset`` with exactly ``n`` records (its own, cycled)."""
+    import numpy as np
+
     from raydet.commands.loaders import with_records
+    from raydet.data.record_table import as_record_table
 
     if not dataset.records:
         raise ValueError(f"the training dataset {dataset!r} has no images")
-    return with_records(dataset, [dataset.records[i % len(dataset.records)] for i in range(n)])
+    table = as_record_table(dataset.records)
+    return with_records(dataset, table[np.arange(n) % len(table)])  # a view: the records are not copied
 
 
 def run(args: argparse.Namespace) -> tuple[dict, str]:

@@ -25,7 +25,7 @@ from raydet.engine.runner import Runner
 from raydet.errors import keep_traceback, report_failure
 from raydet.evaluation.evaluator import DatasetEvaluator
 from raydet.registry import ConfigError
-from raydet.commands.loaders import ray_loaders
+from raydet.commands.loaders import get_datasets, put_datasets, ray_loaders
 from raydet.commands.ray_setup import (check_cluster_resources, init_ray, release_ray, scaling_config, setup_logging,
                                        torch_config, train_run_config_kwargs)
 from raydet.commands.runner_builder import worker_setup
@@ -56,11 +56,10 @@ def build_evaluation_runner(cfg: Config, dataset, checkpoint: str, *, device, ou
 
 @keep_traceback  # the driver reports a failure with the worker's full traceback
 def eval_loop_per_worker(config: dict) -> dict:
-    import ray
-
     cfg, sections, rank, world, device = worker_setup(config)
-    dataset = ray.get(config["dataset"][0])
-    _, val_loader = ray_loaders({"val": dataset}, sections, rank, world, iters_per_epoch=0)
+    datasets, records_refs = get_datasets(config["dataset"])  # the records: views of the node's one copy
+    dataset = datasets["val"]
+    _, val_loader = ray_loaders(datasets, sections, rank, world, iters_per_epoch=0, records_refs=records_refs)
     runner = build_evaluation_runner(cfg, dataset, config["checkpoint"], device=device,
                                      out_dir=config["out_dir"] if rank == 0 else None, val_loader=val_loader,
                                      rank=rank, world_size=world,
@@ -75,7 +74,6 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
              out_proposals: str | None = None) -> dict:
     """Evaluate ``checkpoint`` on the pipeline's ``data.<split>`` with the pipeline's scaling; returns the metrics.
     ``out_proposals``: also write the predictions as a proposal file there (:mod:`raydet.data.proposals`)."""
-    import ray
     from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -99,7 +97,7 @@ def evaluate(cfg: Config, checkpoint: str, *, split: str = "test", out_dir: str 
     trainer = TorchTrainer(
         eval_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
-                           "dataset": [ray.put(dataset)], "checkpoint": _absolute(str(checkpoint)),
+                           "dataset": put_datasets({"val": dataset}), "checkpoint": _absolute(str(checkpoint)),
                            "out_dir": out_dir,
                            "out_proposals": _absolute(out_proposals) if out_proposals else None},
         scaling_config=scaling_config(sections), torch_config=torch_config(sections),

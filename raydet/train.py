@@ -25,14 +25,13 @@ from pathlib import Path
 
 import raydet.data  # noqa: F401  (registers the dataset and transform types)
 import raydet.models  # noqa: F401  (registers the model components)
-from raydet.commands.loaders import ray_loaders
+from raydet.commands.loaders import get_datasets, put_datasets, ray_loaders
 from raydet.commands.ray_setup import (check_cluster_resources, init_ray, release_ray, scaling_config, setup_logging,
                                        torch_config, train_run_config_kwargs)
 from raydet.commands.runner_builder import build_runner, worker_setup
 from raydet.commands.sections import build_datasets, resolve_progress, work_dir_of
 from raydet.commands.validation import validate_pipeline
 from raydet.config import Config, load_config
-from raydet.data.datasets import gc_paused
 from raydet import fileio
 from raydet.engine.checkpoint import load_checkpoint
 from raydet.engine.dist import all_gather_object
@@ -65,8 +64,8 @@ def train_loop_per_worker(config: dict) -> dict:
     import ray.train.torch
 
     cfg, sections, rank, world, device = worker_setup(config)
-    with gc_paused():  # unpickling the records makes millions of objects: 3x faster without the cyclic GC
-        datasets = ray.get(config["datasets"][0])
+    # the records arrive as NumPy views of the one copy of this node's object store (RecordTable)
+    datasets, records_refs = get_datasets(config["datasets"])
 
     def report(metrics: dict, state: dict | None):
         metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -93,7 +92,8 @@ def train_loop_per_worker(config: dict) -> dict:
     runner = build_runner(cfg, datasets, device=device, rank=rank, world_size=world, report=report,
                           work_dir=folder.local if folder is not None else None, wrap_model=wrap, sections=sections,
                           extra_hooks=hooks)
-    runner.train_loader, runner.val_loader = ray_loaders(datasets, sections, rank, world, runner.iters_per_epoch)
+    runner.train_loader, runner.val_loader = ray_loaders(datasets, sections, rank, world, runner.iters_per_epoch,
+                                                         records_refs)
     if folder is not None and folder.remote:
         runner.get_hook(LoggerHook).destination = folder.target  # the log names the run folder, not the scratch
     # a restart of this command's worker group (scaling.max_failures) continues from Ray's latest checkpoint; the
@@ -260,8 +260,6 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
         ConfigError: a bad pipeline, a cluster that cannot run it, a run folder other nodes cannot reach, or a
             resume with changed keys.
     """
-    import ray
-    import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
@@ -290,7 +288,7 @@ def fit(cfg: Config, *, run_dir: str, resume_from: str | None = None, callbacks=
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"pipeline": cfg.data, "path": cfg.path, "origins": cfg.origins,
-                           "datasets": [ray.put(datasets)], "run_dir": run_dir,
+                           "datasets": put_datasets(datasets), "run_dir": run_dir,
                            "resume_from": (resume_from if fileio.is_uri(str(resume_from)) else
                                            os.path.abspath(resume_from)) if resume_from else None,
                            "gate_dir": gate_dir},

@@ -156,6 +156,19 @@ def test_valid_polygons_many_follows_the_one_rule():
     assert valid_polygons_many([]) == []
 
 
+def test_valid_polygons_many_checks_a_large_file_in_chunks(monkeypatch):
+    """Chunks of 4 instances (the odd ones among them) give what valid_polygons gives each instance."""
+    import raydet.masks
+
+    monkeypatch.setattr(raydet.masks, "_CHUNK", 4)
+    tri = [0.0, 0.0, 10.0, 0.0, 10.0, 10.0]
+    batch = [[tri], [[1.0, 1.0, 1.0, 1.0, 1.0, 1.0]], "bad", [[tri[0] + i, *tri[1:]] for i in range(3)], []] * 3
+    results = valid_polygons_many(batch)
+    assert len(results) == 15 and results[0::5] == [[tri]] * 3 and results[1::5] == [[]] * 3
+    assert all(isinstance(r, ValueError) for r in results[2::5]) and results[4::5] == [[]] * 3
+    assert results[3] == [[float(i), *tri[1:]] for i in range(3)]
+
+
 SQUARE = square(20, 20, 20)  # rows 20..39, columns 20..39: 400 px
 
 

@@ -7,6 +7,8 @@ Expected values: transformed boxes computed by hand (scale, x' = w - x, shift, c
 """
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -17,7 +19,7 @@ from raydet.data.augmentation import Expand, MinIoURandomCrop
 from raydet.data.collate import collate_detection, collate_samples
 from raydet.data.pipeline import TorchDetectionDataset, record_to_sample
 from raydet.data.proposals import read_proposals, write_proposals
-from raydet.data.ray_data import record_to_row, row_to_record, row_to_sample, rows_to_columns, sample_to_row
+from raydet.data.ray_data import row_to_sample, rows_to_columns, sample_to_row
 from raydet.data.synthetic import make_shapes_dataset
 from raydet.data.transforms import CollateConfig
 from test_datasets import coco_fixture, write_coco, write_voc
@@ -68,16 +70,16 @@ def test_proposal_file_round_trip_through_resize_and_flip(tmp_path):
 
 
 def test_proposals_ride_the_ray_data_rows_and_the_ssd_transforms(tmp_path):
-    """The rows the Ray Data stream carries (plain functions, no Ray) keep the proposals; Expand shifts them and
-    MinIoURandomCrop keeps those whose centre is inside the patch, clipped and shifted, as it does boxes."""
+    """The records table the Ray Data actors read and the output rows they write (plain functions, no Ray) keep the
+    proposals; Expand shifts them and MinIoURandomCrop keeps those whose centre is inside the patch, clipped and
+    shifted, as it does boxes."""
     ann, prefix = write_coco(tmp_path, coco_fixture())
     path = str(tmp_path / "props.npz")
     write_proposals(path, [1, 2, 5], *_proposals_for([1, 2, 5]))
     ds = CocoDataset(ann, prefix, proposal_file=path, num_max_proposals=None)
     record = ds.records[0]
-    row = record_to_row(record, 0, 0, with_masks=False)
-    back = row_to_record(rows_to_columns([row]), 0, with_masks=False)
-    assert back["proposals"].tolist() == record["proposals"].tolist()
+    back = pickle.loads(pickle.dumps(ds.records, protocol=5))[0]  # as the actors receive the table
+    assert back["proposals"].tolist() == record["proposals"].tolist() and len(back["proposals"]) == 3
     sample = record_to_sample(back, ds.load_image(back))
     out = sample_to_row(sample, with_masks=False)
     cols = rows_to_columns([dict(out, index=0)])

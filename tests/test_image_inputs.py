@@ -105,7 +105,7 @@ def test_each_orientation_decodes_like_pillow_exif_transpose(tmp_path, orientati
 def test_auto_applies_the_rotation_to_images_annotated_upright(tmp_path, orientation):
     """The issue's case for every orientation: the box [40, 80, 50, 100] of the upright 120x60 photo lands on the
     red square, in the reader's record and in every decoder (the dataset's loader, the Ray Data actor's rows)."""
-    from raydet.data.ray_data import DecodeAndTransform, record_to_row, rows_to_columns
+    from raydet.data.ray_data import DecodeAndTransform, input_columns
 
     phone_photo(tmp_path / "images" / "p.jpg", orientation)
     ds = CocoDataset(coco(tmp_path, [("p.jpg", *UPRIGHT, BOX)]), str(tmp_path / "images"))
@@ -116,8 +116,8 @@ def test_auto_applies_the_rotation_to_images_annotated_upright(tmp_path, orienta
     assert image.shape == (*UPRIGHT, 3) and is_red(image, record["boxes"][0].astype(int))
     assert np.abs(image.astype(int) - pillow_upright(tmp_path / "images" / "p.jpg")).max() <= 2
 
-    actor = DecodeAndTransform(ds.image_loader(), [], seed=0)  # what the training actors run, without Ray
-    out = actor(rows_to_columns([record_to_row(record, 0, 0, False)]))
+    actor = DecodeAndTransform(ds.records, ds.image_loader(), [], seed=0)  # the training actors, without Ray
+    out = actor(input_columns([0], epoch=0))
     np.testing.assert_array_equal(out["image"][0], image)
     np.testing.assert_array_equal(out["boxes"][0], [BOX])
     assert out["error"][0] == ""
@@ -302,7 +302,7 @@ def test_check_images_decode_finds_damaged_images_when_the_annotations_are_read(
 
 def decoded_rows(tmp_path: Path, order: list[str], on_error: str):
     """The Ray Data actor's output for images in ``order`` (no Ray), and the dataset."""
-    from raydet.data.ray_data import DecodeAndTransform, record_to_row, rows_to_columns
+    from raydet.data.ray_data import DecodeAndTransform, input_columns
 
     damaged_jpegs(tmp_path / "images")
     for seed, name in enumerate(("a", "c")):
@@ -310,8 +310,8 @@ def decoded_rows(tmp_path: Path, order: list[str], on_error: str):
     files = {"a": "a.png", "b": "zeroed.jpg", "c": "c.png", "d": "cut.jpg"}
     ds = CocoDataset(coco(tmp_path, [(files[n], 64, 96, (8, 8, 40, 40)) for n in order]), str(tmp_path / "images"),
                      on_error=on_error)
-    actor = DecodeAndTransform(ds.image_loader(), [], seed=0, on_error=on_error)
-    return actor(rows_to_columns([record_to_row(r, i, 0, False) for i, r in enumerate(ds.records)])), ds
+    actor = DecodeAndTransform(ds.records, ds.image_loader(), [], seed=0, on_error=on_error)
+    return actor(input_columns(np.arange(len(ds.records)), epoch=0)), ds
 
 
 class Rows:

@@ -7,28 +7,54 @@ runs the same number of iterations) and its in-order evaluation stream; :func:`r
 from __future__ import annotations
 
 import copy
-import math
 
-import numpy as np
 
 from raydet.commands.sections import Sections
+from raydet.data.ray_data import epoch_order
+from raydet.data.record_table import RecordTable
 
-__all__ = ["shard_records", "with_records", "take", "ray_stream", "ray_loaders"]
-
-
-def shard_records(records: list, rank: int, world_size: int, seed: int | None, epoch: int, pad: bool) -> list:
-    """This rank's share of the records; shuffled by (seed, epoch) when seed is given; padded (by repeating) so
-    every rank gets the same count when ``pad`` (training: every rank must run the same number of iterations)."""
-    order = np.arange(len(records))
-    if seed is not None:
-        order = np.random.default_rng([seed, epoch]).permutation(len(records))
-    if pad and world_size > 1:
-        total = math.ceil(len(order) / world_size) * world_size
-        order = np.concatenate([order, order[: total - len(order)]])
-    return [records[i] for i in order[rank::world_size]]
+__all__ = ["shard_records", "with_records", "take", "ray_stream", "ray_loaders", "put_datasets", "get_datasets"]
 
 
-def with_records(dataset, records: list):
+def put_datasets(datasets: dict) -> dict:
+    """Driver side: ``{"datasets": ref, "records": {split: ref}}`` for a train loop config. Each split's records
+    (:class:`~raydet.data.record_table.RecordTable`) go into the object store once, on their own: the training
+    workers and the decode actors of a node then map that one copy (zero-copy NumPy views) instead of unpickling a
+    private copy each; the datasets travel without their records."""
+    import ray
+
+    from raydet.data.record_table import as_record_table
+
+    tables = {split: as_record_table(ds.records) for split, ds in datasets.items()}
+    return {"datasets": ray.put({split: with_records(ds, None) for split, ds in datasets.items()}),
+            "records": {split: ray.put(table.base) for split, table in tables.items()},
+            "views": {split: None if table.base is table else table.indices for split, table in tables.items()}}
+
+
+def get_datasets(shipped: dict) -> tuple[dict, dict]:
+    """Worker side of :func:`put_datasets`: the datasets with their records, and each split's records ref (for
+    :func:`ray_loaders`, whose decode actors read the same copy)."""
+    import ray
+
+    datasets = ray.get(shipped["datasets"])
+    for split, ref in shipped["records"].items():
+        table = ray.get(ref)
+        view = shipped["views"][split]
+        datasets[split] = with_records(datasets[split], table if view is None else table[view])
+    return datasets, dict(shipped["records"])
+
+
+def shard_records(records, rank: int, world_size: int, seed: int | None, epoch: int, pad: bool):
+    """This rank's share of the records (a view when ``records`` is a RecordTable, else a list); shuffled by
+    (seed, epoch) when seed is given; padded (by repeating) so every rank gets the same count when ``pad``
+    (training: every rank must run the same number of iterations)."""
+    order = epoch_order(len(records), seed=seed, epoch=epoch, shard=(rank, world_size), pad=pad)
+    if isinstance(records, RecordTable):
+        return records[order]
+    return [records[i] for i in order.tolist()]
+
+
+def with_records(dataset, records):
     """A shallow copy of ``dataset`` holding only ``records``."""
     shard = copy.copy(dataset)
     shard.records = records
@@ -49,9 +75,12 @@ def take(iterable, n: int):
             close()
 
 
-def ray_stream(sections: Sections):
-    """``(dataset, records, train, epoch) -> batches``: records -> Ray Data actor pool (decode + augment) ->
-    aspect-ratio-grouped (training) or in-order (evaluation) batches."""
+def ray_stream(sections: Sections, records_refs: dict | None = None):
+    """``(dataset, records, train, epoch, split=None, **options) -> batches``: records -> Ray Data actor pool
+    (decode + augment) -> aspect-ratio-grouped (training) or in-order (evaluation) batches. ``records_refs``: each
+    split's records in the object store (:func:`get_datasets`); the actors read ``records`` through them. Options:
+    ``num_epochs``, ``shard``, ``pad`` (:func:`~raydet.data.ray_data.build_ray_dataset`) and ``with_epoch``
+    (:func:`~raydet.data.ray_data.iter_detection_batches`)."""
     from raydet.data.pipeline import build_transforms
     from raydet.data.ray_data import build_ray_dataset, iter_detection_batches
 
@@ -64,33 +93,108 @@ def ray_stream(sections: Sections):
     sc, batch_size = sections.scaling, sections.data.images_per_worker
     actors = tuple(sc.data_actors) if len(sc.data_actors) > 1 else sc.data_actors[0]
 
-    def stream(dataset, records, train: bool, epoch: int):
+    def stream(dataset, records, train: bool, epoch: int, split: str | None = None, *, num_epochs: int = 1,
+               shard: tuple[int, int] | None = None, pad: bool = False, with_epoch: bool = False):
         ds = build_ray_dataset(with_records(dataset, records), train=train, seed=sections.seed, epoch=epoch,
                                num_actors=actors, num_cpus_per_actor=sc.data_cpus_per_actor,
                                actor_batch_size=sc.data_batch_size, resources=sc.data_resources,
-                               imports=tuple(sections.runtime.imports))
+                               imports=tuple(sections.runtime.imports), num_epochs=num_epochs, shard=shard, pad=pad,
+                               records_ref=(records_refs or {}).get(split))
         _, collate_cfg = build_transforms(dataset.pipeline)
         return iter_detection_batches(ds, batch_size, collate_cfg, with_masks=getattr(dataset, "with_masks", False),
-                                      train=train)
+                                      train=train, with_epoch=with_epoch)
 
     return stream
 
 
-def ray_loaders(datasets: dict, sections: Sections, rank: int, world_size: int, iters_per_epoch: int):
-    """This rank's per-epoch training stream (exactly ``iters_per_epoch`` batches) and evaluation stream."""
-    stream = ray_stream(sections)
+# One Ray Dataset holds at most this many rows (a run of epochs longer than that gets several datasets in turn).
+MAX_ROWS_PER_DATASET = 1_000_000
+
+
+class EpochStreams:
+    """A training loader, ``epoch -> exactly iters_per_epoch batches``, that keeps one Ray Data actor pool for a
+    run of epochs instead of starting one per epoch.
+
+    ``open_stream(first_epoch, num_epochs)`` gives ``(epoch, batch)`` pairs of one dataset holding epochs
+    ``first_epoch .. first_epoch + num_epochs - 1`` (each epoch its own permutation and shard, no batch spanning
+    two). A dataset ends where ``last_epoch(first_epoch)`` says: after an epoch that evaluates (the evaluation pass
+    starts its own pool, and two pools of one node would compete for the CPUs Ray Data may use) or after the
+    last epoch. Asked for an epoch other than the next one (a resumed or restarted run), it opens a new dataset.
+    Batches an epoch produced beyond ``iters_per_epoch`` (aspect-ratio groups can leave two partial batches) are
+    skipped, as :func:`take` drops them.
+    """
+
+    def __init__(self, open_stream, iters_per_epoch: int, last_epoch):
+        self._open, self._iters, self._last_epoch = open_stream, iters_per_epoch, last_epoch
+        self._it = None
+        self._next = self._end = None
+        self._held = None  # the first batch of the next epoch, read while finishing this one
+        self.datasets_opened = 0
+
+    def __call__(self, epoch: int):
+        if self._it is None or epoch != self._next:
+            self.close()
+            self._end = self._last_epoch(epoch)
+            self._it = self._open(epoch, self._end - epoch + 1)
+            self.datasets_opened += 1
+        self._next = epoch + 1
+        return self._batches(epoch)
+
+    def _batches(self, epoch: int):
+        done = 0
+        try:
+            while done < self._iters:
+                item, self._held = self._held or next(self._it, None), None
+                if item is None:
+                    return
+                if item[0] < epoch:  # the rest of an earlier epoch
+                    continue
+                if item[0] > epoch:
+                    self._held = item
+                    return
+                yield item[1]
+                done += 1
+        finally:
+            if epoch >= self._end:
+                self.close()
+
+    def close(self) -> None:
+        """Stop the current dataset now (its actors go), not when it is garbage-collected."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+        self._it, self._held = None, None
+
+
+def ray_loaders(datasets: dict, sections: Sections, rank: int, world_size: int, iters_per_epoch: int,
+                records_refs: dict | None = None):
+    """This rank's training loader (:class:`EpochStreams`: ``epoch -> exactly iters_per_epoch batches``, one actor
+    pool per run of epochs up to the next evaluation) and evaluation stream; ``records_refs``: each split's records
+    in the object store (:func:`get_datasets`)."""
+    stream = ray_stream(sections, records_refs)
     train_loader = val_loader = None
     if "train" in datasets:
         train_ds = datasets["train"]
+        max_epochs, interval = sections.train.max_epochs, sections.evaluation.interval
+        per_epoch = max(1, -(-len(train_ds.records) // world_size))
 
-        def train_loader(epoch: int):
-            records = shard_records(train_ds.records, rank, world_size, sections.seed, epoch, pad=True)
-            return take(stream(train_ds, records, True, epoch), iters_per_epoch)
+        def last_epoch(first: int) -> int:
+            end = max_epochs - 1
+            if "val" in datasets:  # EvalHook: after epoch e when (e + 1) % interval == 0, and after the last
+                end = min(end, first + (interval - 1 - first % interval))
+            return max(first, min(end, first + MAX_ROWS_PER_DATASET // per_epoch - 1))
+
+        def open_stream(first: int, count: int):
+            return stream(train_ds, train_ds.records, True, first, "train", num_epochs=count,
+                          shard=(rank, world_size), pad=True, with_epoch=True)
+
+        train_loader = EpochStreams(open_stream, iters_per_epoch, last_epoch)
 
     if "val" in datasets:
         val_ds = datasets["val"]
 
         def val_loader():
-            return stream(val_ds, shard_records(val_ds.records, rank, world_size, None, 0, pad=False), False, 0)
+            return stream(val_ds, shard_records(val_ds.records, rank, world_size, None, 0, pad=False), False, 0,
+                          "val")
 
     return train_loader, val_loader

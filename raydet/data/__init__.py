@@ -12,6 +12,7 @@
   dataset's ``proposal_file``)
 * semantic maps (HTC's semantic branch): :func:`read_seg_map` (raydet.data.seg_maps; a COCO dataset's
   ``seg_prefix``)
+* Records: :class:`RecordTable` (raydet.data.record_table), a dataset's records as flat NumPy columns.
 * Ray Data: :func:`build_ray_dataset`, :func:`iter_detection_batches` (raydet.data.ray_data; Ray is imported
   only when a dataset is built); :class:`TorchDetectionDataset` is the plain PyTorch reference loader.
 
@@ -22,6 +23,7 @@ from .datasets import VOC_CLASSES, CocoDataset, DetectionDataset, SyntheticShape
 from .image_io import CorruptImageError, ImageSizeMismatchError, read_image, read_image_header
 from .pipeline import Compose, TorchDetectionDataset, build_transforms, image_rng, load_sample, record_to_sample
 from .ray_data import DecodeAndTransform, build_ray_dataset, iter_detection_batches
+from .record_table import RecordTable
 from .transforms import CollateConfig, Normalize, Pad, RandomFlip, Resize, Transform, rescale_size, scales_from_range
 from .augmentation import Expand, MinIoURandomCrop, PhotoMetricDistortion
 from .proposals import read_proposals, write_proposals
@@ -32,7 +34,7 @@ __all__ = [
     "DetectionDataset", "CocoDataset", "VOCDataset", "SyntheticShapesDataset", "VOC_CLASSES", "read_image",
     "CorruptImageError", "ImageSizeMismatchError", "read_image_header",
     "Compose", "build_transforms", "image_rng", "load_sample", "record_to_sample", "TorchDetectionDataset",
-    "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches",
+    "DecodeAndTransform", "build_ray_dataset", "iter_detection_batches", "RecordTable",
     "Transform", "Resize", "RandomFlip", "Normalize", "Pad", "scales_from_range", "rescale_size",
     "PhotoMetricDistortion", "Expand", "MinIoURandomCrop", "read_proposals", "write_proposals", "read_seg_map",
 ]

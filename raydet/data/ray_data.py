@@ -2,15 +2,15 @@
 
 Flow (one Ray Dataset per pass over the data)::
 
-    records --(driver: permute when training, BEFORE decoding)--> ray.data.from_items(light rows)
+    RecordTable (raydet.data.record_table) --ray.put once--> the object store (one read-only copy per node)
+    (worker: permute when training, BEFORE decoding) --> ray.data.from_items(index rows)
       --map_batches(DecodeAndTransform, ActorPoolStrategy)--> one row per transformed image (numpy columns)
       --(training worker) iter_detection_batches: aspect-ratio groups + collate_detection--> model batches
 
-Light rows (the input) carry ``index, image_id, epoch, img_path, file_name, height, width``, ``orientation`` (the
-EXIF orientation the decoder applies, decided by the reader; 0 = not decided, the loader resolves its policy), the
-annotation arrays ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool, with masks
-``masks_json`` (the record's polygons / RLE as a JSON string), when the dataset has a ``proposal_file``,
-``proposals`` (p, 4) float32, and when it has a ``seg_prefix``, ``seg_map_path`` (str). Output rows carry
+Input rows carry three ints: ``index`` (the image's position in the records this dataset was built from: a worker's
+shard), ``record`` (its row in the RecordTable the actors hold) and ``epoch``. The actors look each record up in the
+table (``ray.get`` of its object ref: zero-copy, one copy per node however many actors and training workers read
+it), so no annotation travels through Ray Data blocks. Output rows carry
 
     image         uint8 (h, w, 3) RGB, after the per-image transforms (uint8 keeps object-store traffic 4x lower)
     boxes         float32 (n, 4) (n may be 0), labels int64 (n,), ignore_boxes float32 (k, 4)
@@ -36,7 +36,6 @@ actors to CPU-only nodes (custom resources).
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 
@@ -46,10 +45,12 @@ from raydet.masks import to_rle
 
 from .image_io import CorruptImageError
 from .pipeline import build_transforms, load_sample
+from .record_table import RecordTable, as_record_table
 from .transforms import CollateConfig
 
-__all__ = ["DecodeAndTransform", "build_ray_dataset", "iter_detection_batches", "record_to_row", "row_to_record",
-           "sample_to_row", "row_to_sample", "encode_masks", "decode_masks"]
+__all__ = ["DecodeAndTransform", "build_ray_dataset", "iter_detection_batches", "input_columns", "epoch_order",
+           "sample_to_row",
+           "row_to_sample", "encode_masks", "decode_masks"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,65 +70,15 @@ def decode_masks(text: str, height: int, width: int) -> list[dict]:
     return [{"size": [int(height), int(width)], "counts": c.encode("ascii")} for c in str(text).split(" ")]
 
 
-def _json_safe_mask(mask):
-    if isinstance(mask, dict):
-        counts = mask.get("counts")
-        if isinstance(counts, bytes):
-            counts = counts.decode("ascii")
-        elif isinstance(counts, np.ndarray):
-            counts = counts.tolist()
-        return {"size": [int(s) for s in mask["size"]], "counts": counts}
-    return [np.asarray(p, dtype=np.float64).ravel().tolist() for p in mask]
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Records <-> light rows, samples <-> output rows.
+# Index rows in, samples <-> output rows.
 
-def record_to_row(record: dict, index: int, epoch: int, with_masks: bool) -> dict:
-    """A record -> the light input row of the Ray Dataset (numpy arrays and scalars only)."""
-    row = {
-        "index": int(index),
-        "image_id": int(record["image_id"]),
-        "epoch": int(epoch),
-        "img_path": str(record.get("img_path", "")),
-        "file_name": str(record.get("file_name", "")),
-        "height": int(record["height"]),
-        "width": int(record["width"]),
-        "orientation": int(record.get("orientation") or 0),
-        "boxes": np.asarray(record["boxes"], np.float32).reshape(-1, 4),
-        "labels": np.asarray(record["labels"], np.int64).reshape(-1),
-        "ignore": np.asarray(record.get("ignore", np.zeros(len(record["labels"]), bool)), bool).reshape(-1),
-    }
-    if with_masks:
-        row["masks_json"] = json.dumps([_json_safe_mask(m) for m in record["masks"]])
-    if record.get("proposals") is not None:
-        row["proposals"] = np.asarray(record["proposals"], np.float32).reshape(-1, 4)
-    if record.get("seg_map_path"):
-        row["seg_map_path"] = str(record["seg_map_path"])
-    return row
-
-
-def row_to_record(batch: dict, i: int, with_masks: bool) -> dict:
-    """Row ``i`` of a numpy batch of light rows -> a record."""
-    record = {
-        "image_id": int(batch["image_id"][i]),
-        "file_name": str(batch["file_name"][i]),
-        "img_path": str(batch["img_path"][i]),
-        "height": int(batch["height"][i]),
-        "width": int(batch["width"][i]),
-        "boxes": np.asarray(batch["boxes"][i], np.float32).reshape(-1, 4),
-        "labels": np.asarray(batch["labels"][i], np.int64).reshape(-1),
-        "ignore": np.asarray(batch["ignore"][i], bool).reshape(-1),
-    }
-    if "orientation" in batch and int(batch["orientation"][i]):
-        record["orientation"] = int(batch["orientation"][i])
-    if with_masks:
-        record["masks"] = json.loads(str(batch["masks_json"][i]))
-    if "proposals" in batch:
-        record["proposals"] = np.asarray(batch["proposals"][i], np.float32).reshape(-1, 4)
-    if "seg_map_path" in batch:
-        record["seg_map_path"] = str(batch["seg_map_path"][i])
-    return record
+def input_columns(records, epoch, index=None) -> dict[str, np.ndarray]:
+    """A batch of input rows (see the module docstring): ``records`` (int array) the rows of the actors' table,
+    ``epoch`` an int or an int array, ``index`` the positions (default ``0 .. n - 1``)."""
+    records = np.asarray(records, np.int64).reshape(-1)
+    index = np.arange(len(records)) if index is None else np.asarray(index, np.int64).reshape(-1)
+    return {"index": index, "record": records, "epoch": np.broadcast_to(np.asarray(epoch, np.int64), records.shape)}
 
 
 def sample_to_row(sample: dict, with_masks: bool) -> dict:
@@ -194,9 +145,12 @@ def rows_to_columns(rows: list[dict]) -> dict[str, np.ndarray]:
 
 
 class DecodeAndTransform:
-    """Ray Data actor: decode each light row's image (raydet.data.image_io) and apply the per-image transforms.
+    """Ray Data actor: look each input row's record up, decode its image (raydet.data.image_io) and apply the
+    per-image transforms.
 
     Args:
+        records: the :class:`~raydet.data.record_table.RecordTable` the rows' ``record`` column indexes (or a list
+            of record dicts), or a Ray object ref of it (fetched once per actor; zero-copy on the node).
         loader: picklable ``record -> image`` (``dataset.image_loader()``).
         pipeline: the dataset's pipeline list (``Normalize`` / ``Pad`` are left to the collate step).
         seed: augmentation seed; image ``i`` of epoch ``e`` uses ``default_rng([seed, e, image_id])``.
@@ -209,8 +163,8 @@ class DecodeAndTransform:
             raydet's own transforms imports none of them: an actor starts in a fraction of a second).
     """
 
-    def __init__(self, loader, pipeline: list, seed: int = 0, with_masks: bool = False, on_error: str = "fail",
-                 imports: tuple = ()):
+    def __init__(self, records, loader, pipeline: list, seed: int = 0, with_masks: bool = False,
+                 on_error: str = "fail", imports: tuple = ()):
         import importlib
 
         import cv2
@@ -218,6 +172,11 @@ class DecodeAndTransform:
         from raydet.registry import ConfigError
 
         cv2.setNumThreads(1)  # one thread per actor: the actors are the parallelism
+        if not isinstance(records, (RecordTable, list)):  # an object ref: every actor of a node maps one copy
+            import ray
+
+            records = ray.get(records)
+        self.records = records
         self.loader = loader
         pending = list(imports)
         while True:
@@ -235,7 +194,9 @@ class DecodeAndTransform:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         rows = []
         for i in range(len(batch["index"])):
-            record = row_to_record(batch, i, self.with_masks)
+            record = self.records[int(batch["record"][i])]
+            if not self.with_masks:
+                record.pop("masks", None)
             try:
                 sample = load_sample(self.loader, record, self.transforms, seed=self.seed,
                                      epoch=int(batch["epoch"][i]), with_masks=self.with_masks)
@@ -263,6 +224,29 @@ class DecodeAndTransform:
 _MAX_BLOCKS = 200
 
 
+def epoch_order(num_records: int, *, seed: int | None, epoch: int, shard: tuple[int, int] | None = None,
+                pad: bool = False) -> np.ndarray:
+    """The positions of the records one pass reads, in order (int64).
+
+    ``seed`` None: ``0 .. n - 1``; else the permutation ``default_rng([seed, epoch])``. ``shard=(rank, world)``:
+    positions ``rank::world`` of that order; with ``pad``, the order first grows by repeating its first
+    ``ceil(n / world) * world - n`` positions, so every rank gets ``ceil(n / world)`` records (training: every rank
+    runs the same number of iterations; the repeated images are the documented padding).
+
+    Raises ValueError for a shard outside ``0 <= rank < world``.
+    """
+    order = np.arange(num_records) if seed is None else np.random.default_rng([seed, epoch]).permutation(num_records)
+    if shard is None:
+        return order
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+    if pad and world > 1:
+        total = -(-num_records // world) * world
+        order = np.concatenate([order, order[: total - num_records]])
+    return order[rank::world]
+
+
 def _pool_sizes(num_actors: int | tuple[int, int]) -> tuple[int, int]:
     lo, hi = (num_actors, num_actors) if isinstance(num_actors, int) else tuple(num_actors)
     if not 1 <= lo <= hi:
@@ -273,7 +257,8 @@ def _pool_sizes(num_actors: int | tuple[int, int]) -> tuple[int, int]:
 def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
                       num_actors: int | tuple[int, int] = 1, num_cpus_per_actor: float = 0.5,
                       actor_batch_size: int = 8, resources: dict | None = None, num_epochs: int = 1,
-                      shard: tuple[int, int] | None = None, imports: tuple = ()):
+                      shard: tuple[int, int] | None = None, pad: bool = False, imports: tuple = (),
+                      records_ref=None):
     """A ``ray.data.Dataset`` of transformed images (one row per image, see the module docstring).
 
     Args:
@@ -297,9 +282,13 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
         num_epochs: the rows of epochs ``epoch .. epoch + num_epochs - 1`` in one dataset (each epoch permuted
             separately, each row augmented with its own epoch), so one actor pool serves several epochs.
         shard: ``(rank, world_size)``: only records ``rank::world_size`` of each epoch's order (per-worker
-            datasets with exact coverage, e.g. for distributed evaluation).
+            datasets with exact coverage, e.g. for distributed evaluation); ``pad``: every rank gets the same
+            count (:func:`epoch_order`; training).
         imports: modules that register user transforms (``runtime.imports``), imported by the actors when the
             pipeline needs them (:class:`DecodeAndTransform`).
+        records_ref: a Ray object ref of ``dataset.records``' base table (:attr:`RecordTable.base`) already in the
+            object store (the commands put each split's table once, :func:`raydet.commands.loaders.put_datasets`);
+            None: the table is put here, once for this dataset.
     """
     import ray
 
@@ -307,31 +296,29 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
         raise ValueError(f"num_epochs and actor_batch_size must be >= 1, got {num_epochs}, {actor_batch_size}")
     lo, hi = _pool_sizes(num_actors)
     with_masks = bool(getattr(dataset, "with_masks", False))
-    records = dataset.records
-    base_rows: dict[int, dict] = {}
-    rows = []
+    table = as_record_table(dataset.records)
+    rows_in_base = table.indices  # a worker's shard is a view: its records' rows in the table the actors hold
+    positions, epochs = [], []
     for e in range(epoch, epoch + num_epochs):
-        order = np.random.default_rng([seed, e]).permutation(len(records)) if train else np.arange(len(records))
-        if shard is not None:
-            rank, world = shard
-            if not 0 <= rank < world:
-                raise ValueError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
-            order = order[rank::world]
-        for i in order.tolist():
-            if i not in base_rows:
-                base_rows[i] = record_to_row(records[i], i, e, with_masks)
-            rows.append({**base_rows[i], "epoch": e})
-    if not rows:
-        raise ValueError(f"build_ray_dataset: no records to read (dataset of {len(records)} images, shard {shard})")
+        order = epoch_order(len(table), seed=seed if train else None, epoch=e, shard=shard, pad=pad)
+        positions.append(order)
+        epochs.append(np.full(len(order), e, np.int64))
+    positions = np.concatenate(positions)
+    if not len(positions):
+        raise ValueError(f"build_ray_dataset: no records to read (dataset of {len(table)} images, shard {shard})")
+    rows = [{"index": i, "record": r, "epoch": e} for i, r, e in
+            zip(positions.tolist(), rows_in_base[positions].tolist(), np.concatenate(epochs).tolist())]
+    if records_ref is None:
+        records_ref = ray.put(table.base)
 
     # Small input blocks stream out sooner, but every block costs the driver ~3 ms in from_items: one block per
-    # actor batch, at most max(200, 4 x actors) blocks (a 118k-image epoch: ~3 s instead of ~17 s at 4096 blocks).
+    # actor batch, at most max(200, 4 x actors) blocks.
     num_blocks = max(1, min(-(-len(rows) // actor_batch_size), max(_MAX_BLOCKS, 4 * hi)))
     ds = ray.data.from_items(rows, override_num_blocks=num_blocks)
     ds = ds.map_batches(
         DecodeAndTransform,
-        fn_constructor_kwargs={"loader": dataset.image_loader(), "pipeline": list(dataset.pipeline), "seed": seed,
-                               "with_masks": with_masks,
+        fn_constructor_kwargs={"records": records_ref, "loader": dataset.image_loader(),
+                               "pipeline": list(dataset.pipeline), "seed": seed, "with_masks": with_masks,
                                "on_error": getattr(dataset, "on_error", "fail") if train else "fail",
                                "imports": tuple(imports)},
         batch_size=actor_batch_size,
@@ -349,7 +336,8 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
 # Worker side: rows -> grouped, collated batches.
 
 def iter_detection_batches(data, batch_size: int, collate_cfg: CollateConfig, with_masks: bool, train: bool,
-                           device=None, drop_last: bool = False, prefetch_batches: int = 1) -> Iterator[dict]:
+                           device=None, drop_last: bool = False, prefetch_batches: int = 1,
+                           with_epoch: bool = False) -> Iterator[dict]:
     """Model batches (raydet.structures Batch) from a Ray ``Dataset`` or ``DataIterator`` of output rows.
 
     Training: rows go to one of two buffers, landscape (w >= h) or portrait (w < h), and a batch is emitted when a
@@ -360,6 +348,8 @@ def iter_detection_batches(data, batch_size: int, collate_cfg: CollateConfig, wi
     for one they cannot use): every worker still runs its iterations, as DDP needs. The batch then carries
     ``skipped_images`` (how many of its images are such copies), which the LoggerHook sums per epoch.
     Evaluation: batches in arrival order (the dataset's order, see :func:`build_ray_dataset`), every image once.
+    A batch never spans two epochs (a dataset of several, ``num_epochs``): when the rows' ``epoch`` changes, the
+    partial buffers are emitted first (as at the end). ``with_epoch``: yield ``(epoch, batch)`` pairs.
 
     Raises :class:`CorruptImageError` when no usable image arrives at all (training), or an evaluation row carries
     an error.
@@ -378,10 +368,17 @@ def iter_detection_batches(data, batch_size: int, collate_cfg: CollateConfig, wi
         buffers[key], copies[key] = [], 0
         return batch
 
-    latest, pending, first_error = None, 0, ""
+    latest, pending, first_error, current = None, 0, "", None
     for cols in data.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches):
         errors = cols.get("error")
+        epochs = cols["epoch"].tolist() if "epoch" in cols else [None] * len(cols["index"])
         for i in range(len(cols["index"])):
+            if epochs[i] != current:  # a new epoch: what is left of the previous one goes first
+                for key in (True, False):
+                    if buffers[key] and not drop_last:
+                        yield (current, collate(key)) if with_epoch else collate(key)
+                    buffers[key], copies[key] = [], 0
+                current = epochs[i]
             error = str(errors[i]) if errors is not None else ""
             if error:
                 if not train:
@@ -402,10 +399,10 @@ def iter_detection_batches(data, batch_size: int, collate_cfg: CollateConfig, wi
                 buffers[key].append(sample)
                 copies[key] += copy
                 if len(buffers[key]) == batch_size:
-                    yield collate(key)
+                    yield (current, collate(key)) if with_epoch else collate(key)
     if pending:
         raise CorruptImageError(f"on_error=skip: none of the {pending} images of this worker's share of the epoch "
                                 f"could be used; first: {first_error}")
     for key in (True, False):
         if buffers[key] and not drop_last:
-            yield collate(key)
+            yield (current, collate(key)) if with_epoch else collate(key)

@@ -350,6 +350,13 @@ class LoggerHook(Hook):
     ``skipped_images`` (also ``train/skipped_images`` of the epoch's metrics) when images that failed to decode were
     replaced under ``data.train.on_error: skip`` (this worker's count in the epoch so far).
 
+    ``data_time`` is the seconds an iteration waited for its batch (``runner.data_time``), ``time`` the whole
+    iteration (that wait + forward, backward, step and the hooks before this one). ``data_wait_fraction`` is the
+    share of training time spent waiting for data, summed data_time / summed time over this worker's epoch so far
+    (in each log record: from the epoch's first iteration to the record's; 0 = never waited, 1 = only waited). The
+    whole epoch's value is ``train/data_wait_fraction`` of the epoch's metrics (``runner.epoch_log``, reported after
+    the epoch), and rank 0 prints it on a console line at the end of each epoch.
+
     ``destination``: where the run folder's files end up when ``runner.work_dir`` is a local copy of it (a URI, see
     :class:`WorkDirSyncHook`); the log names it instead of the local copy."""
 
@@ -366,6 +373,7 @@ class LoggerHook(Hook):
         self.epoch_sums: dict[str, float] = defaultdict(float)
         self.epoch_count = 0
         self.epoch_skipped = 0  # images replaced by copies under data.train.on_error=skip (raydet.data.ray_data)
+        self.epoch_data_s = self.epoch_iter_s = 0.0  # summed data_time and iteration time of the epoch, seconds
 
     def before_run(self, runner):
         self.t_start = time.perf_counter()
@@ -386,6 +394,7 @@ class LoggerHook(Hook):
         self.epoch_sums.clear()
         self.epoch_count = 0
         self.epoch_skipped = 0
+        self.epoch_data_s = self.epoch_iter_s = 0.0
 
     def before_train_iter(self, runner):
         self.t_iter = time.perf_counter()
@@ -403,16 +412,31 @@ class LoggerHook(Hook):
         self.epoch_skipped += int((getattr(runner, "batch", None) or {}).get("skipped_images", 0))
         if self.epoch_skipped:  # this worker's count of the epoch so far
             runner.epoch_log["train/skipped_images"] = self.epoch_skipped
-        self.window["time"].append(time.perf_counter() - self.t_iter + runner.data_time)
+        iter_s = time.perf_counter() - self.t_iter + runner.data_time
+        self.window["time"].append(iter_s)
         self.window["data_time"].append(runner.data_time)
+        self.epoch_data_s += runner.data_time
+        self.epoch_iter_s += iter_s
+        runner.epoch_log["train/data_wait_fraction"] = self.data_wait_fraction()
         if (runner.iter + 1) % self.interval == 0:
             self.flush(runner)
+
+    def data_wait_fraction(self) -> float:
+        """Summed data_time / summed iteration time over the epoch so far (0.0 before its first iteration)."""
+        return self.epoch_data_s / self.epoch_iter_s if self.epoch_iter_s > 0 else 0.0
+
+    def after_train_epoch(self, runner):
+        if runner.rank == 0 and self.epoch_iter_s > 0:
+            log.info("epoch %d/%d: waited for data %.1f%% of the training time (%.1fs of %.1fs, data_wait_fraction "
+                     "%.4f)", runner.epoch + 1, runner.max_epochs, 100 * self.data_wait_fraction(), self.epoch_data_s,
+                     self.epoch_iter_s, self.data_wait_fraction())
 
     def flush(self, runner):
         if not self.window:
             return
         record = {k: sum(v) / len(v) for k, v in self.window.items()}
         record["loss"] = sum(v for k, v in record.items() if k.startswith("loss"))
+        record["data_wait_fraction"] = self.data_wait_fraction()
         self.window.clear()
         record.update(mode="train", epoch=runner.epoch + 1, iter=runner.iter + 1,
                       lr=runner.optimizer.param_groups[0]["lr"], memory_mb=_peak_memory_mb(runner.device))
