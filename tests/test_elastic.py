@@ -121,6 +121,70 @@ def test_gradient_accumulation_steps_once_on_the_mean_of_its_batches():
     assert hook.pending == 0
 
 
+def _ddp_accumulating_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of two gloo DDP processes: 3 iterations of 2 images each with accumulation 2, then the epoch's end."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(3, 1))
+    x, y = torch.randn(12, 3, generator=torch.Generator().manual_seed(1)), torch.randn(12, 1)
+    runner = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, iter=0,
+                             losses={}, loss=None)
+    hook = OptimizerHook(device="cpu", accumulation=2)
+    syncs, first_grad = [], None
+    for k in range(3):  # iteration k of rank r reads images (2k + r) * 2 .. + 2
+        lo = (2 * k + rank) * 2
+        hook.before_train_iter(runner)
+        syncs.append(model.require_backward_grad_sync)
+        runner.loss = ((model(x[lo:lo + 2]) - y[lo:lo + 2]) ** 2).mean()
+        runner.losses = {"loss_mse": runner.loss}
+        hook.after_train_iter(runner)
+        if k == 0:
+            first_grad = model.module.weight.grad.clone()
+    hook.after_train_epoch(runner)
+    torch.save({"syncs": syncs, "first_grad": first_grad, "x": x, "y": y,
+                "params": [p.detach().clone() for p in model.module.parameters()]}, f"{out}/{rank}.pt")
+    dist.barrier()  # neither rank closes its gloo connections while the other still uses them
+    dist.destroy_process_group()
+
+
+def test_accumulation_under_ddp_all_reduces_once_per_group_and_steps_like_one_process(tmp_path):
+    """Two gloo processes, accumulation 2, three iterations: the first backward of a group is not all-reduced (its
+    gradient is the rank's own batch's, halved), the group's second is; the epoch's last group of one iteration is
+    averaged over the ranks at the step. The weights equal single-process SGD: a step on the mean over the 8
+    images of iterations 0-1 of both ranks, then one on the 4 images of iteration 2."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_accumulating_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    x, y = results[0]["x"], results[0]["y"]
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for rank, result in enumerate(results):
+        assert result["syncs"] == [False, True, False]  # the third opens a group the epoch ends
+        lo = rank * 2
+        local = torch.nn.Linear(3, 1)
+        local.load_state_dict(reference.state_dict())
+        (((local(x[lo:lo + 2]) - y[lo:lo + 2]) ** 2).mean() / 2).backward()
+        torch.testing.assert_close(result["first_grad"], local.weight.grad)  # not averaged with the other rank
+    ((reference(x[:8]) - y[:8]) ** 2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+    ((reference(x[8:]) - y[8:]) ** 2).mean().backward()
+    opt.step()
+    for result in results:
+        for p, r in zip(result["params"], reference.parameters()):
+            torch.testing.assert_close(p, r)
+
+
 @pytest.mark.parametrize("n", [10, 11, 16])
 def test_every_world_size_shards_an_epoch_exactly(n):
     """Any world size covers each image of the epoch once, plus ceil(n / W) x W - n padding copies: a resize

@@ -141,6 +141,20 @@ class LrSchedulerHook(Hook):
 
 
 # --------------------------------------------------------------------------------------------------- optimizer
+def _all_reduce_mean_gradients(model: torch.nn.Module) -> None:
+    """Average every trainable parameter's gradient over the process group, as DDP's all-reduce would (a missing
+    gradient counts as zeros)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.requires_grad:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+
+
 class OptimizerHook(Hook):
     """Backward, optional gradient clipping, optimizer step; a GradScaler for fp16.
 
@@ -171,6 +185,16 @@ class OptimizerHook(Hook):
         self.skipped = 0
         self.accumulation = int(accumulation)
         self.pending = 0  # iterations whose gradients wait for the next step
+        self.unsynced = False  # the accumulated gradients skipped DDP's all-reduce (see before_train_iter)
+
+    def before_train_iter(self, runner):
+        """Under DistributedDataParallel with accumulation, only a group's last backward all-reduces (what
+        ``DDP.no_sync()`` does, set per iteration because the forward runs in the Runner and the backward here):
+        the others accumulate locally, and the last one reduces the sum. DDP decides in the forward."""
+        model = runner.model
+        if self.accumulation > 1 and hasattr(model, "require_backward_grad_sync"):
+            model.require_backward_grad_sync = self.pending + 1 >= self.accumulation
+            self.unsynced = not model.require_backward_grad_sync
 
     def after_train_iter(self, runner):
         bad = [k for k, v in runner.losses.items() if k.startswith("loss") and not torch.isfinite(v).all()]
@@ -182,7 +206,7 @@ class OptimizerHook(Hook):
             self.skipped += 1
             log.warning("%s; step skipped", message)
             runner.optimizer.zero_grad(set_to_none=True)
-            self.pending = 0
+            self.pending, self.unsynced = 0, False
             return
         opt = runner.optimizer
         if self.pending == 0:
@@ -202,6 +226,9 @@ class OptimizerHook(Hook):
 
     def step(self, runner):
         opt = runner.optimizer
+        if self.unsynced:  # an epoch's last, shorter group under DDP: average its gradients over the workers
+            _all_reduce_mean_gradients(runner.model)
+            self.unsynced = False
         if self.scaler is not None:
             self.scaler.unscale_(opt)
         if 0 < self.pending < self.accumulation:  # a short group: the mean over the batches it has
