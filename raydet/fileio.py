@@ -10,7 +10,9 @@ scheme pyarrow does not know, e.g. ``abfs://`` with adlfs installed).
 * Credentials and endpoints come from each cloud SDK's standard environment, read by the process that opens the
   file: ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_DEFAULT_REGION``,
   ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` (an S3-compatible server such as MinIO), ``AWS_PROFILE``, an
-  instance role; ``GOOGLE_APPLICATION_CREDENTIALS`` or the node's service account for ``gs://``.
+  instance role; ``GOOGLE_APPLICATION_CREDENTIALS`` or the node's service account for ``gs://``, and
+  ``STORAGE_EMULATOR_HOST`` (``http://host:port``, the variable of Google's storage clients) for a GCS emulator or a
+  private endpoint, reached without credentials.
 * A missing bucket or object is a :class:`StorageNotFoundError` (a ``FileNotFoundError``) whose one-line message
   names the URI and says which is missing; any other failure (access denied, no network) a :class:`StorageError`
   naming the URI and the operation.
@@ -108,6 +110,12 @@ def _new_filesystem(uri: str):
     import pyarrow
     import pyarrow.fs as pafs
 
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST", "")
+    if emulator and _split(uri)[0] in ("gs", "gcs"):  # a GCS emulator or private endpoint (the Cloud SDKs' variable)
+        scheme, _, host = emulator.rpartition("://")
+        fs = pafs.GcsFileSystem(anonymous=True, endpoint_override=host.rstrip("/"), scheme=scheme or "http")
+        _, netloc, key = _split(uri)
+        return fs, f"{netloc}/{key}".rstrip("/")
     try:
         return pafs.FileSystem.from_uri(uri)
     except pyarrow.ArrowInvalid as exc:

@@ -4,7 +4,8 @@
 whole test session; tests that need Ray take it as an argument. Start-up costs several seconds, so it is created
 once and shut down at the end.
 
-Object storage: ``tests/test_object_storage.py`` serves S3 (moto's server) on ``127.0.0.1:$RAYDET_TEST_S3_PORT``.
+Object storage: ``tests/test_object_storage.py`` serves S3 (moto's server) on ``127.0.0.1:$RAYDET_TEST_S3_PORT`` and
+GCS (gcp-storage-emulator, ``STORAGE_EMULATOR_HOST``) on ``127.0.0.1:$RAYDET_TEST_GCS_PORT``.
 Ray's workers inherit the environment of the process that starts Ray, and the one Ray instance may start before that
 module runs, so the session sets the endpoint and fake credentials first: no test reaches a cloud, and every Ray
 worker and actor reads the test server.
@@ -24,6 +25,7 @@ def _free_port() -> int:
 
 
 S3_PORT_ENV = "RAYDET_TEST_S3_PORT"
+GCS_PORT_ENV = "RAYDET_TEST_GCS_PORT"
 
 
 def pytest_configure(config):
@@ -34,6 +36,8 @@ def pytest_configure(config):
     os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "raydet-test",
                        "AWS_SECRET_ACCESS_KEY": "raydet-test", "AWS_DEFAULT_REGION": "us-east-1",
                        "AWS_EC2_METADATA_DISABLED": "true"})
+    gcs_port = os.environ.setdefault(GCS_PORT_ENV, str(_free_port()))
+    os.environ["STORAGE_EMULATOR_HOST"] = f"http://127.0.0.1:{gcs_port}"
 
 
 @pytest.fixture(scope="session")

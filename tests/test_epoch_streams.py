@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 
+import pytest
+
 from raydet.commands.loaders import EpochStreams
+from raydet.data.image_io import CorruptImageError
 from raydet.data.ray_data import epoch_order, iter_detection_batches
 from raydet.data.transforms import CollateConfig
 
@@ -55,6 +58,16 @@ def test_a_short_epoch_ends_at_the_next_epochs_first_batch():
     assert fake.opened == [(0, 2)]
 
 
+def test_a_generator_kept_by_a_caller_does_not_close_the_stream_that_replaced_it():
+    fake = FakeStreams({0: 3, 1: 3})
+    loader = EpochStreams(fake, iters_per_epoch=2, last_epoch=lambda first: 1)
+    old = loader(0)
+    assert next(old) == "0.0"
+    assert list(loader(0)) == ["0.0", "0.1"]  # epoch 0 again: a new dataset
+    assert list(old) == [] and fake.closed == 1  # the replaced one stops; only the first dataset was closed
+    assert list(loader(1)) == ["1.0", "1.1"] and fake.closed == 2
+
+
 class Rows:
     """Stands in for a Ray dataset: ``iter_batches`` yields the given column batches."""
 
@@ -86,6 +99,16 @@ def test_no_batch_spans_two_epochs():
     out = list(iter_detection_batches(Rows(cols), 2, CollateConfig(), with_masks=False, train=True, with_epoch=True))
     assert [(e, [m["image_id"] for m in b["img_metas"]]) for e, b in out] == [(0, [0, 1]), (0, [3]), (0, [2]),
                                                                             (1, [4, 5])]
+
+
+def test_an_epoch_without_a_usable_image_stops_the_run():
+    """on_error=skip: every image of epoch 0 failed; the run stops naming the epoch instead of this rank running
+    no iteration in it (the other ranks would wait for it forever under DDP)."""
+    cols = _rows([0, 0, 1], [16, 16, 16])
+    cols["error"] = np.array(["a.jpg: truncated", "b.jpg: truncated", ""])
+    with pytest.raises(CorruptImageError, match=r"none of the 2 images of this worker's share of epoch 0 could be "
+                                                r"used; first: a.jpg: truncated"):
+        list(iter_detection_batches(Rows(cols), 2, CollateConfig(), with_masks=False, train=True))
 
 
 def test_epoch_order_pads_every_rank_to_the_same_count():

@@ -465,3 +465,91 @@ def test_test_and_infer_read_from_and_write_to_the_bucket(s3, trained, dataset):
             assert a["category_id"] == b["category_id"]
             assert a["score"] == pytest.approx(b["score"], abs=1e-4)
             assert a["bbox"] == pytest.approx(b["bbox"], abs=0.05)
+
+
+# --------------------------------------------------------------------------------------------------- gs://
+def _gcs_url(path: str) -> str:
+    return f"{os.environ['STORAGE_EMULATOR_HOST']}{path}"
+
+
+def _gcs_upload(name: str, data: bytes) -> None:
+    """Upload through the GCS JSON API itself (urllib), not through raydet."""
+    import urllib.parse
+    import urllib.request
+
+    url = _gcs_url(f"/upload/storage/v1/b/{BUCKET}/o?uploadType=media&name={urllib.parse.quote(name, safe='')}")
+    with urllib.request.urlopen(urllib.request.Request(url, data=data, method="POST")) as response:
+        assert response.status == 200
+
+
+def _gcs_download(name: str) -> bytes:
+    import urllib.parse
+    import urllib.request
+
+    with urllib.request.urlopen(_gcs_url(f"/download/storage/v1/b/{BUCKET}/o/"
+                                         f"{urllib.parse.quote(name, safe='')}?alt=media")) as response:
+        return response.read()
+
+
+@pytest.fixture(scope="module")
+def gcs():
+    """gcp-storage-emulator on the session's port (conftest sets ``STORAGE_EMULATOR_HOST`` before Ray starts), with
+    the bucket ``BUCKET``, in memory; stopped by its process id."""
+    port = int(os.environ["RAYDET_TEST_GCS_PORT"])
+    if _port_open(port):
+        pytest.fail(f"port {port} (RAYDET_TEST_GCS_PORT) is taken: the test GCS server cannot start")
+    script = Path(sys.executable).parent / "gcp-storage-emulator"
+    server = subprocess.Popen([str(script), "start", "-H", "127.0.0.1", "--port", str(port), "-M", "-q",
+                               "--default-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not _port_open(port):
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"gcp-storage-emulator did not start on port {port} (exit code {server.poll()})")
+            time.sleep(0.1)
+        yield port
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def test_a_dataset_in_a_gcs_bucket_is_read_decoded_and_written_through_gs_uris(ray_session, gcs):
+    """gs:// as s3://: the annotations read by the driver, each image fetched by the Ray Data decode actors (equal to
+    Pillow's decoding of the uploaded bytes), a file raydet writes is in the bucket (read back through the GCS API
+    itself), and a missing key or bucket is one line naming the URI."""
+    from PIL import Image
+
+    from raydet.data import CocoDataset, build_ray_dataset
+
+    ids = range(1, 5)
+    ann, files = _coco_split(ids, seed=3)
+    _gcs_upload("gsdata/annotations/train.json", json.dumps(ann).encode())
+    for name, data in files.items():
+        _gcs_upload(f"gsdata/images/{name}", data)
+    root = f"gs://{BUCKET}/gsdata"
+    assert sorted(e.path for e in fileio.list_files(f"{root}/images")) == sorted(f"{root}/images/{n}" for n in files)
+
+    ds = CocoDataset(f"{root}/annotations/train.json", f"{root}/images/", check_images=True)
+    assert [r["image_id"] for r in ds.records] == list(ids)
+    assert [r["img_path"] for r in ds.records] == [f"{root}/images/{im['file_name']}" for im in ann["images"]]
+    rows = build_ray_dataset(ds, train=False, actor_batch_size=2).take_all()
+    assert [int(r["image_id"]) for r in rows] == list(ids)
+    for row, image in zip(rows, ann["images"]):
+        expected = np.asarray(Image.open(io.BytesIO(files[image["file_name"]])).convert("RGB"))
+        assert row["image"].shape == expected.shape and np.abs(row["image"].astype(int) - expected).max() <= 2
+        boxes = [[x, y, x + w, y + h] for a in ann["annotations"] if a["image_id"] == image["id"]
+                 for x, y, w, h in [a["bbox"]]]
+        np.testing.assert_allclose(row["boxes"], boxes, atol=1e-4)
+
+    fileio.write_text(f"{root}/runs/r1/pipeline.yaml", "model: {}\n")
+    assert _gcs_download("gsdata/runs/r1/pipeline.yaml") == b"model: {}\n"
+    with pytest.raises(FileNotFoundError, match=rf"^{root}/nope.json: not found \(no object with this key in "
+                                                rf"bucket '{BUCKET}'\)$"):
+        fileio.read_bytes(f"{root}/nope.json")
+    with pytest.raises(ValueError, match=rf"^gs://{MISSING_BUCKET}/a.json: annotation file not found \(the bucket "
+                                         rf"'{MISSING_BUCKET}' does not exist\)$"):
+        CocoDataset(f"gs://{MISSING_BUCKET}/a.json", f"gs://{MISSING_BUCKET}/images/")

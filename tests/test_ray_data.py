@@ -132,6 +132,15 @@ def test_multi_epoch_rows_and_shards(ray_session):
     shards = [build_ray_dataset(ds, train=False, shard=(k, 2), actor_batch_size=4).take_all() for k in (0, 1)]
     assert [int(r["image_id"]) for r in shards[0]] == [1, 3, 5]
     assert [int(r["image_id"]) for r in shards[1]] == [2, 4]
+    # training shards, padded, two epochs, the first 2 of each epoch's 3 (rows_per_epoch): the epoch's
+    # permutation [seed, epoch] grown by its first image, positions rank::2, cut to 2
+    rows = build_ray_dataset(ds, train=True, seed=1, epoch=2, num_epochs=2, shard=(1, 2), pad=True,
+                             rows_per_epoch=2, actor_batch_size=4).take_all()
+    expected = []
+    for e in (2, 3):
+        perm = np.random.default_rng([1, e]).permutation(5)
+        expected += [(e, int(i) + 1) for i in np.concatenate([perm, perm[:1]])[1::2][:2]]
+    assert [(int(r["epoch"]), int(r["image_id"])) for r in rows] == expected
 
 
 def test_actor_side_modules_do_not_import_torch():

@@ -101,3 +101,88 @@ def test_the_columns_pickle_out_of_band():
     assert table.nbytes > 2000 * 12 * 8
     back = pickle.loads(inband, buffers=buffers)
     _same(records[1234], back[1234])
+
+
+def test_numpy_scalars_keep_their_type_and_value():
+    """A user's reader may store NumPy scalars: np.float32 stays np.float32 (not a float64 Python float),
+    np.longdouble keeps its extra precision, np.uint64 above int64's range is not an OverflowError."""
+    third = np.longdouble(1) / np.longdouble(3)
+    records = [{"score": np.float32(0.1), "n": np.int32(-3), "flag": np.bool_(True), "big": np.uint64(2**63 + 5),
+                "ld": third},
+               {"score": np.float32(2.5), "n": np.int32(7), "flag": np.bool_(False), "big": np.uint64(1),
+                "ld": np.longdouble(2)}]
+    back = list(RecordTable.from_records(records))
+    for original, rec in zip(records, back):
+        for key, value in original.items():
+            assert type(rec[key]) is type(value) and rec[key] == value, key
+    assert back[0]["big"] == 9223372036854775813 and back[0]["ld"] == third and back[0]["ld"] != 1 / 3
+
+
+def test_ints_beyond_int64_are_kept_as_given():
+    records = [{"uid": 2**70, "ann_ids": [2**64 - 1, 3]}, {"uid": 1, "ann_ids": []}]
+    back = list(RecordTable.from_records(records))
+    assert back == records and type(back[0]["uid"]) is int
+
+
+def test_fields_kept_as_objects_come_back_as_copies():
+    """float64 boxes in one record and float32 in another (and a nested dict) stay as the reader made them; a
+    caller writing into them (a flip augmentation) changes neither the table nor, after protocol-5 pickling (Ray's
+    object store), meets a read-only array."""
+    records = [{"boxes": np.array([[1.0, 2.0, 3.0, 4.0]]), "meta": {"tags": ["a"]}},
+               {"boxes": np.array([[5, 6, 7, 8]], np.float32), "meta": {}}]
+    table = RecordTable.from_records(records)
+    first = table[0]
+    assert first["boxes"].dtype == np.float64 and table[1]["boxes"].dtype == np.float32
+    first["boxes"][0, 0] = 99.0
+    first["meta"]["tags"].append("b")
+    assert table[0]["boxes"].tolist() == [[1.0, 2.0, 3.0, 4.0]] and table[0]["meta"] == {"tags": ["a"]}
+    buffers = []
+    back = pickle.loads(pickle.dumps(table, protocol=5, buffer_callback=buffers.append), buffers=buffers)
+    again = back[0]
+    again["boxes"][0, 0] = -1.0  # would raise "assignment destination is read-only" on a shared buffer
+    assert back[0]["boxes"][0, 0] == 1.0
+
+
+def test_masks_the_columns_cannot_hold_exactly_stay_as_given():
+    """RLE with float counts or sizes, a tuple size, non-ASCII counts, a polygon as an (k, 2) array or as nested
+    [x, y] pairs: none may be truncated to ints, reshaped or refused; they come back equal."""
+    cases = [[{"size": [2, 2], "counts": [1.5, 2.0, 0.5]}], [{"size": [2.5, 2.0], "counts": [1, 2, 1]}],
+             [{"size": (2, 2), "counts": [1, 2, 1]}], [{"size": [2, 2], "counts": "é0"}],
+             [[[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]]]]
+    for masks in cases:
+        back = RecordTable.from_records([{"masks": masks}, {"masks": []}])[0]["masks"]
+        assert back == masks, masks
+    assert type(RecordTable.from_records([{"masks": cases[2]}])[0]["masks"][0]["size"]) is tuple
+    polygon = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    rec = RecordTable.from_records([{"masks": [[polygon]]}])[0]
+    assert rec["masks"][0][0].shape == (3, 2) and rec["masks"][0][0].tolist() == polygon.tolist()
+
+
+def test_file_names_with_undecodable_bytes_round_trip():
+    """os.listdir gives a name that is not UTF-8 as surrogate escapes ("bad\\udcff.jpg"): it must pack."""
+    records = [{"file_name": "bad\udcff.jpg"}, {"file_name": "lone\ud800"}, {"file_name": "日本/ü.png"}]
+    assert [r["file_name"] for r in RecordTable.from_records(records)] == ["bad\udcff.jpg", "lone\ud800", "日本/ü.png"]
+
+
+def test_arrays_that_do_not_concatenate_exactly_stay_as_given():
+    """A 0-d array next to 1-d ones (was a TypeError), a masked array (its mask was dropped) and a big-endian
+    array (came back native) are kept as they are."""
+    records = [{"x": np.array([3.0]), "m": np.ma.array([1, 2], mask=[False, True]), "be": np.array([1, 2], ">i4")},
+               {"x": np.array(4.0), "m": np.ma.array([5], mask=[False]), "be": np.array([3], ">i4")}]
+    back = list(RecordTable.from_records(records))
+    assert back[1]["x"].shape == () and back[1]["x"] == 4.0 and back[0]["x"].tolist() == [3.0]
+    assert back[0]["m"].mask.tolist() == [False, True] and back[0]["be"].dtype.str == ">i4"
+
+
+def test_a_boolean_index_selects_rows():
+    """``table[mask]`` selects the rows where the mask is true (as NumPy does); it used to read the mask as the
+    row numbers 0 and 1. Float or 2-d index arrays are refused, empty ones give an empty view."""
+    table = RecordTable.from_records([{"i": k} for k in range(4)])
+    assert [r["i"] for r in table[np.array([False, True, False, True])]] == [1, 3]
+    assert [r["i"] for r in table[[True, False, False, True]]] == [0, 3]
+    assert [r["i"] for r in table[1:][np.array([True, False, True])]] == [1, 3]
+    assert [r["i"] for r in table[range(2)]] == [0, 1] and len(table[[]]) == 0
+    with pytest.raises(IndexError, match="boolean index of shape"):
+        table[np.array([True, False])]
+    with pytest.raises(TypeError, match="1-d integers or booleans"):
+        table[np.array([1.7, 2.2])]

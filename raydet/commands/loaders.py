@@ -79,7 +79,8 @@ def ray_stream(sections: Sections, records_refs: dict | None = None):
     """``(dataset, records, train, epoch, split=None, **options) -> batches``: records -> Ray Data actor pool
     (decode + augment) -> aspect-ratio-grouped (training) or in-order (evaluation) batches. ``records_refs``: each
     split's records in the object store (:func:`get_datasets`); the actors read ``records`` through them. Options:
-    ``num_epochs``, ``shard``, ``pad`` (:func:`~raydet.data.ray_data.build_ray_dataset`) and ``with_epoch``
+    ``num_epochs``, ``shard``, ``pad``, ``rows_per_epoch`` (:func:`~raydet.data.ray_data.build_ray_dataset`) and
+    ``with_epoch``
     (:func:`~raydet.data.ray_data.iter_detection_batches`)."""
     from raydet.data.pipeline import build_transforms
     from raydet.data.ray_data import build_ray_dataset, iter_detection_batches
@@ -94,12 +95,13 @@ def ray_stream(sections: Sections, records_refs: dict | None = None):
     actors = tuple(sc.data_actors) if len(sc.data_actors) > 1 else sc.data_actors[0]
 
     def stream(dataset, records, train: bool, epoch: int, split: str | None = None, *, num_epochs: int = 1,
-               shard: tuple[int, int] | None = None, pad: bool = False, with_epoch: bool = False):
+               shard: tuple[int, int] | None = None, pad: bool = False, with_epoch: bool = False,
+               rows_per_epoch: int | None = None):
         ds = build_ray_dataset(with_records(dataset, records), train=train, seed=sections.seed, epoch=epoch,
                                num_actors=actors, num_cpus_per_actor=sc.data_cpus_per_actor,
                                actor_batch_size=sc.data_batch_size, resources=sc.data_resources,
                                imports=tuple(sections.runtime.imports), num_epochs=num_epochs, shard=shard, pad=pad,
-                               records_ref=(records_refs or {}).get(split))
+                               rows_per_epoch=rows_per_epoch, records_ref=(records_refs or {}).get(split))
         _, collate_cfg = build_transforms(dataset.pipeline)
         return iter_detection_batches(ds, batch_size, collate_cfg, with_masks=getattr(dataset, "with_masks", False),
                                       train=train, with_epoch=with_epoch)
@@ -132,19 +134,21 @@ class EpochStreams:
         self.datasets_opened = 0
 
     def __call__(self, epoch: int):
-        if self._it is None or epoch != self._next:
+        if self._it is None or epoch != self._next or epoch > self._end:
             self.close()
             self._end = self._last_epoch(epoch)
             self._it = self._open(epoch, self._end - epoch + 1)
             self.datasets_opened += 1
         self._next = epoch + 1
-        return self._batches(epoch)
+        return self._batches(epoch, self._it)
 
-    def _batches(self, epoch: int):
+    def _batches(self, epoch: int, it):
         done = 0
         try:
             while done < self._iters:
-                item, self._held = self._held or next(self._it, None), None
+                if self._it is not it:  # a newer call replaced this stream (a caller kept this generator)
+                    return
+                item, self._held = self._held or next(it, None), None
                 if item is None:
                     return
                 if item[0] < epoch:  # the rest of an earlier epoch
@@ -155,7 +159,7 @@ class EpochStreams:
                 yield item[1]
                 done += 1
         finally:
-            if epoch >= self._end:
+            if epoch >= self._end and self._it is it:
                 self.close()
 
     def close(self) -> None:
@@ -184,9 +188,15 @@ def ray_loaders(datasets: dict, sections: Sections, rank: int, world_size: int, 
                 end = min(end, first + (interval - 1 - first % interval))
             return max(first, min(end, first + MAX_ROWS_PER_DATASET // per_epoch - 1))
 
+        # an epoch cut short (train.max_iters_per_epoch) decodes only the images its batches can use: `iters` full
+        # batches need at most iters x batch images plus what the two aspect-ratio buffers may hold back
+        batch = sections.data.images_per_worker
+        needed = iters_per_epoch * batch + 2 * (batch - 1)
+        rows_per_epoch = needed if needed < per_epoch else None
+
         def open_stream(first: int, count: int):
             return stream(train_ds, train_ds.records, True, first, "train", num_epochs=count,
-                          shard=(rank, world_size), pad=True, with_epoch=True)
+                          shard=(rank, world_size), pad=True, with_epoch=True, rows_per_epoch=rows_per_epoch)
 
         train_loader = EpochStreams(open_stream, iters_per_epoch, last_epoch)
 

@@ -257,8 +257,8 @@ def _pool_sizes(num_actors: int | tuple[int, int]) -> tuple[int, int]:
 def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
                       num_actors: int | tuple[int, int] = 1, num_cpus_per_actor: float = 0.5,
                       actor_batch_size: int = 8, resources: dict | None = None, num_epochs: int = 1,
-                      shard: tuple[int, int] | None = None, pad: bool = False, imports: tuple = (),
-                      records_ref=None):
+                      shard: tuple[int, int] | None = None, pad: bool = False, rows_per_epoch: int | None = None,
+                      imports: tuple = (), records_ref=None):
     """A ``ray.data.Dataset`` of transformed images (one row per image, see the module docstring).
 
     Args:
@@ -284,6 +284,8 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
         shard: ``(rank, world_size)``: only records ``rank::world_size`` of each epoch's order (per-worker
             datasets with exact coverage, e.g. for distributed evaluation); ``pad``: every rank gets the same
             count (:func:`epoch_order`; training).
+        rows_per_epoch: only the first ``rows_per_epoch`` records of each epoch's order (an epoch cut short by
+            ``train.max_iters_per_epoch`` decodes no image its batches cannot use); None: all.
         imports: modules that register user transforms (``runtime.imports``), imported by the actors when the
             pipeline needs them (:class:`DecodeAndTransform`).
         records_ref: a Ray object ref of ``dataset.records``' base table (:attr:`RecordTable.base`) already in the
@@ -301,8 +303,8 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
     positions, epochs = [], []
     for e in range(epoch, epoch + num_epochs):
         order = epoch_order(len(table), seed=seed if train else None, epoch=e, shard=shard, pad=pad)
-        positions.append(order)
-        epochs.append(np.full(len(order), e, np.int64))
+        positions.append(order[:rows_per_epoch])
+        epochs.append(np.full(len(positions[-1]), e, np.int64))
     positions = np.concatenate(positions)
     if not len(positions):
         raise ValueError(f"build_ray_dataset: no records to read (dataset of {len(table)} images, shard {shard})")
@@ -374,6 +376,9 @@ def iter_detection_batches(data, batch_size: int, collate_cfg: CollateConfig, wi
         epochs = cols["epoch"].tolist() if "epoch" in cols else [None] * len(cols["index"])
         for i in range(len(cols["index"])):
             if epochs[i] != current:  # a new epoch: what is left of the previous one goes first
+                if pending and latest is None:
+                    raise CorruptImageError(f"on_error=skip: none of the {pending} images of this worker's share "
+                                            f"of epoch {current} could be used; first: {first_error}")
                 for key in (True, False):
                     if buffers[key] and not drop_last:
                         yield (current, collate(key)) if with_epoch else collate(key)

@@ -4,14 +4,16 @@ A reader builds its records as a list of dicts (raydet.structures: ``image_id``,
 ``width``, ``boxes`` (n, 4) float32, ``labels`` (n,) int64, ``ignore`` (n,) bool, ``masks``, ...) and
 :meth:`RecordTable.from_records` packs them, once, into a few NumPy arrays per field:
 
-    scalars (int, float, bool)     one array of the field's type, one value per record
+    scalars (int, float, bool)     one array of the field's type, one value per record (NumPy scalars all of one
+                                   dtype come back as that type; ints beyond int64 are kept as objects)
     strings (file names, paths)    UTF-8 bytes of all records joined (uint8) + offsets (int64, records + 1)
     arrays (boxes, labels, ...)    all records' arrays concatenated along the first axis + offsets
     int lists (``ann_ids``)        as arrays, returned as Python lists
     ``masks``                      per instance a kind (polygons / RLE with str, bytes or list counts), the RLE
                                    size, and where its data is: polygons' coordinates (float64, concatenated) with
                                    per-polygon and per-instance offsets; RLE counts as bytes or int64 runs
-    anything else                  a Python list (kept as it is; only exotic user fields end up here)
+    anything else                  a Python list (kept as it is, ``table[i]`` gets a deep copy; only exotic user
+                                   fields end up here: mixed dtypes, RLE with float counts, 2-d polygons, ...)
 
 A field a record lacks is marked absent (``"orientation" not in table[i]`` stays true). ``table[i]`` rebuilds record
 ``i`` as a fresh dict (arrays copied, polygons as lists of floats, as the readers make them), so a caller may change
@@ -25,6 +27,7 @@ MMEngine serialise their dataset lists into one flat buffer for the same reason)
 """
 from __future__ import annotations
 
+import copy
 import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -48,21 +51,22 @@ def _is_int(v) -> bool:
 
 
 class _Scalars:
-    def __init__(self, values: list, dtype):
+    def __init__(self, values: list, dtype, numpy: bool = False):
         self.values = np.asarray(values, dtype=dtype)
+        self.numpy = numpy  # NumPy scalars of one dtype come back as such (np.float32 stays np.float32)
 
     def get(self, i: int):
-        return self.values[i].item()
+        return self.values[i] if self.numpy else self.values[i].item()
 
 
 class _Strings:
     def __init__(self, values: list[str]):
-        encoded = [v.encode("utf-8") for v in values]
+        encoded = [v.encode("utf-8", "surrogatepass") for v in values]  # os.listdir's undecodable names too
         self.data = np.frombuffer(b"".join(encoded), np.uint8)
         self.offsets = _offsets([len(e) for e in encoded])
 
     def get(self, i: int) -> str:
-        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8")
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogatepass")
 
 
 class _Arrays:
@@ -86,7 +90,9 @@ class _Objects:
         self.values = list(values)
 
     def get(self, i: int):
-        return self.values[i]
+        # a copy, as for the other columns: a caller changing it (an augmentation writing into an array) must not
+        # change the table, and arrays mapped from Ray's object store are read-only
+        return copy.deepcopy(self.values[i])
 
 
 class _Masks:
@@ -96,7 +102,8 @@ class _Masks:
         kinds, sizes, starts, ends = [], [], [], []
         polygons: list = []  # every polygon's coordinate list, in order (read once more by np.fromiter below)
         rle_bytes: list[bytes] = []
-        rle_runs: list[int] = []
+        rle_runs: list[np.ndarray] = []
+        n_runs = 0
         n_bytes = 0
         for masks in values:
             for m in masks:
@@ -111,10 +118,14 @@ class _Masks:
                         ends.append(n_bytes)
                         rle_bytes.append(raw)
                     else:
+                        runs = np.asarray(counts)
+                        if runs.size and runs.dtype.kind not in "iu":  # e.g. float counts: kept as objects
+                            raise ValueError(f"RLE counts of {runs.dtype}")
                         kinds.append(_RLE_LIST)
-                        starts.append(len(rle_runs))
-                        rle_runs.extend(int(c) for c in counts)
-                        ends.append(len(rle_runs))
+                        starts.append(n_runs)
+                        n_runs += runs.size
+                        ends.append(n_runs)
+                        rle_runs.append(runs.astype(np.int64).reshape(-1))
                 else:
                     kinds.append(_POLYGONS)
                     sizes.append([0, 0])
@@ -131,7 +142,7 @@ class _Masks:
         self.starts = np.asarray(starts, np.int64)
         self.ends = np.asarray(ends, np.int64)
         self.rle_bytes = np.frombuffer(b"".join(rle_bytes), np.uint8)
-        self.rle_runs = np.asarray(rle_runs, np.int64)
+        self.rle_runs = np.concatenate(rle_runs) if rle_runs else np.zeros(0, np.int64)
 
     @staticmethod
     def accepts(values: list) -> bool:
@@ -139,10 +150,16 @@ class _Masks:
             if not isinstance(masks, list):
                 return False
             for m in masks:
-                if isinstance(m, dict):
-                    if set(m) != {"size", "counts"} or not isinstance(m["counts"], (str, bytes, list)):
+                if isinstance(m, dict):  # only what comes back unchanged: int sizes [h, w], int run lengths
+                    size, counts = m.get("size"), m.get("counts")
+                    if set(m) != {"size", "counts"} or not (isinstance(size, list) and len(size) == 2
+                                                            and all(_is_int(s) for s in size)):
                         return False
-                elif not isinstance(m, list) or not all(isinstance(p, (list, np.ndarray)) for p in m):
+                    if not isinstance(counts, (str, bytes, list)):  # list counts: ints, checked when packed
+                        return False
+                elif not isinstance(m, list) or not all(
+                        isinstance(p, list) or isinstance(p, np.ndarray) and p.ndim == 1 and p.dtype.kind in "iuf"
+                        for p in m):
                     return False
         return True
 
@@ -165,21 +182,29 @@ class _Masks:
 def _column(key: str, values: list):
     """The column type that holds ``values`` (one per record that has the field) without loss."""
     first = values[0]
-    if all(isinstance(v, (bool, np.bool_)) for v in values):
-        return _Scalars(values, bool)
-    if all(_is_int(v) for v in values):
-        return _Scalars(values, np.int64)
-    if all(isinstance(v, (float, np.floating)) for v in values):
-        return _Scalars(values, np.float64)
-    if all(isinstance(v, str) for v in values):
-        return _Strings(values)
-    if isinstance(first, np.ndarray) and first.ndim >= 1 and all(
-            isinstance(v, np.ndarray) and v.dtype == first.dtype and v.shape[1:] == first.shape[1:] for v in values):
-        return _Arrays(values)
-    if key == "masks" and _Masks.accepts(values):
-        return _Masks(values)
-    if all(isinstance(v, list) and all(_is_int(x) for x in v) for v in values):
-        return _Arrays(values, as_list=True)
+    try:  # ints beyond int64 (OverflowError), polygons of nested lists or non-ASCII RLE (ValueError): kept as objects
+        if isinstance(first, np.generic) and not first.dtype.hasobject and all(
+                type(v) is type(first) and v.dtype == first.dtype for v in values):
+            return _Scalars(values, first.dtype, numpy=True)
+        if all(isinstance(v, (bool, np.bool_)) for v in values):
+            return _Scalars(values, bool)
+        if all(_is_int(v) for v in values):
+            return _Scalars(values, np.int64)
+        if all(isinstance(v, float) or isinstance(v, np.floating) and v.itemsize <= 8 for v in values):
+            return _Scalars(values, np.float64)
+        if all(isinstance(v, str) for v in values):
+            return _Strings(values)
+        if type(first) in (np.ndarray, np.memmap) and first.ndim >= 1 and first.dtype.isnative and not (
+                first.dtype.hasobject) and all(type(v) in (np.ndarray, np.memmap) and v.dtype == first.dtype
+                                               and v.shape[1:] == first.shape[1:] and v.ndim == first.ndim
+                                               for v in values):
+            return _Arrays(values)
+        if key == "masks" and _Masks.accepts(values):
+            return _Masks(values)
+        if all(isinstance(v, list) and all(_is_int(x) for x in v) for v in values):
+            return _Arrays(values, as_list=True)
+    except (OverflowError, ValueError, TypeError):
+        pass
     return _Objects(values)
 
 
@@ -238,9 +263,21 @@ class RecordTable(Sequence):
                 raise IndexError(f"record {item} out of range for a table of {n} records")
             item = int(item) % n
             return self.record(item if self._indices is None else int(self._indices[item]))
-        if isinstance(item, slice) or isinstance(item, (list, np.ndarray)):
-            rows = self.indices[item] if isinstance(item, slice) else self.indices[np.asarray(item, np.int64)]
-            return RecordTable(self._keys, self._columns, self._present, self._length, np.asarray(rows, np.int64))
+        if isinstance(item, slice):
+            return RecordTable(self._keys, self._columns, self._present, self._length, self.indices[item])
+        if isinstance(item, (list, np.ndarray, range)):
+            rows = np.asarray(item)
+            if rows.dtype == bool:  # a mask selects rows (as NumPy does), never rows 0 and 1
+                if rows.shape != (len(self),):
+                    raise IndexError(f"a boolean index of shape {rows.shape} for a table of {len(self)} records")
+                rows = np.flatnonzero(rows)
+            elif rows.size == 0:
+                rows = rows.astype(np.int64).reshape(0)
+            elif rows.ndim != 1 or rows.dtype.kind not in "iu":
+                raise TypeError(f"RecordTable index arrays must be 1-d integers or booleans, got {rows.dtype} "
+                                f"of shape {rows.shape}")
+            return RecordTable(self._keys, self._columns, self._present, self._length,
+                               np.asarray(self.indices[rows], np.int64))
         raise TypeError(f"RecordTable indices must be int, slice or an int array, got {type(item).__name__}")
 
     def __iter__(self) -> Iterator[dict]:
