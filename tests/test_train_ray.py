@@ -185,8 +185,11 @@ def test_ray_job_submit_keeps_outputs_and_resumes_across_jobs(tmp_path):
         "ray-client-server-port"), others)]
     temp_dir = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
     # the job entrypoint's `python` comes from the PATH the head was started with: this interpreter's folder first
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: the head's SIGTERM handler stops its processes at once instead of
+    # waiting 30 s for a drain a head node never finishes; the health-check interval is the test session's (conftest)
     env = dict(os.environ, RAY_AUTH_MODE="token", PYTHONUNBUFFERED="1", RAYDET_WORK_ROOT=str(work_root),
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
     env.pop("RAY_ADDRESS", None)
     head_log = open(tmp_path / "head.log", "w")  # a file: a pipe nobody reads would block the head once full
     head = subprocess.Popen(
