@@ -133,12 +133,17 @@ def _fast_autoscaling_coordinator() -> None:
     ``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, which the test sets short.)"""
     import ray
     from ray.data._internal.cluster_autoscaler import default_autoscaling_coordinator as coordinator
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     class FastTickCoordinator(coordinator._AutoscalingCoordinatorActor):
         TICK_INTERVAL_S = 0.2
 
+    # on the head (this driver's node), which no scenario removes: on a gpu node it would die with it, and its
+    # restart would know no requests, so Ray Train would see no room for workers until it asked again (seconds)
+    head = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(FastTickCoordinator).options(
-        name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", get_if_exists=True, lifetime="detached")
+        name="AutoscalingCoordinator", namespace="AutoscalingCoordinator", get_if_exists=True, lifetime="detached",
+        scheduling_strategy=head)
     ray.get(actor.remote().get_reserved_resources.remote("raydet-multinode-test"))
 
 
