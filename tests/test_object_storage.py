@@ -125,6 +125,7 @@ def _overrides(data_root: str, *extra: str) -> list[str]:
             "pipeline: '${%s_pipeline}'%s}")
     return small + [f"data_root={data_root}", "data.train=" + coco % ("train", "train", ", filter_empty_gt: true"),
                     "data.val=null", "data.test=" + coco % ("test", "test", ""), "runtime.tensorboard=true",
+                    "runtime.curves=true",
                     "model.roi_head.test.score_thr=0.0", *extra]  # score_thr 0: every image gets detections
 
 

@@ -138,6 +138,12 @@ def test_logger_hook_draws_the_curves_at_the_end_of_a_run(tmp_path):
     assert [r["iter"] for r in records] == [1, 2, 3, 4]
     assert _png_size(tmp_path / "curves.png") == (1100, 400)
 
+    (tmp_path / "off").mkdir()  # runtime.curves: false
+    runner = _runner([LoggerHook(interval=1, tensorboard=False, curves=False)], epochs=1, iters=2)
+    runner.work_dir = str(tmp_path / "off")
+    runner.run()
+    assert sorted(p.name for p in (tmp_path / "off").iterdir()) == ["log.jsonl"]
+
 
 def test_curves_command(tmp_path, capsys):
     from raydet.cli import main

@@ -29,6 +29,7 @@ SMALL = [
     "test_pipeline=[{type: Resize, scale: [96, 96]}, "
     "{type: Normalize, mean: [123.675, 116.28, 103.53], std: [58.395, 57.12, 57.375]}, {type: Pad, size_divisor: 32}]",
     "data.images_per_worker=2", "scaling.cpus_per_worker=0.5", "runtime.log_interval=1", "runtime.tensorboard=false",
+    "runtime.curves=false",
     "checkpoint.interval=1", "checkpoint.score_attribute=null", "evaluation.interval=2",
 ]
 
@@ -230,7 +231,7 @@ def test_ray_job_submit_keeps_outputs_and_resumes_across_jobs(tmp_path):
         else:
             pytest.fail(f"the Ray head did not come up within 300 s: {problem}")
 
-        first = submit("--set", *SMALL, "train.max_epochs=1", "evaluation.interval=1")
+        first = submit("--set", *SMALL, "train.max_epochs=1", "evaluation.interval=1", "runtime.curves=true")
         assert "AP50" in first, first[-4000:]
         # the job's console reads like an MMDetection log: raydet's iteration lines, evaluation and summary; Ray's
         # per-epoch reports, Ray Data's per-pass lines and the core worker's error lines stay in Ray's log files

@@ -65,7 +65,8 @@ def build_runner(cfg: Config, datasets: dict, *, device, rank: int = 0, world_si
                            accumulation=plan.accumulation),
              CheckpointHook(sections.checkpoint.interval, sections.checkpoint.score_attribute,
                             sections.checkpoint.score_order),
-             LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard)]
+             LoggerHook(sections.runtime.log_interval, sections.runtime.tensorboard,
+                        curves=sections.runtime.curves)]
     if sections.runtime.progress is True:  # fit() / evaluate() resolve "auto" on the driver
         hooks.append(ProgressBarHook())
     if "val" in datasets:

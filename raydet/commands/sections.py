@@ -101,6 +101,7 @@ class RuntimeSettings:
 
     log_interval: int = 50
     tensorboard: bool = True
+    curves: bool = True                  # draw curves.png (losses, lr, metrics) from log.jsonl at the end of a run
     progress: bool | str = "auto"        # progress bars with ETA on rank 0: true, false, or auto (when the
                                          # command's stderr is a terminal; not in log files or ray job logs)
     imports: list[str] = field(default_factory=list)   # modules registering user hooks / components (the decode

@@ -389,9 +389,10 @@ class LoggerHook(Hook):
 
     priority = Priority.VERY_LOW
 
-    def __init__(self, interval: int = 50, tensorboard: bool = True):
+    def __init__(self, interval: int = 50, tensorboard: bool = True, curves: bool = True):
         self.interval = interval
         self.tensorboard = tensorboard
+        self.curves = curves  # draw curves.png at the end of the run (runtime.curves)
         self.destination: str | None = None
         self.window: dict[str, list[float]] = defaultdict(list)
         self.jsonl = None
@@ -484,6 +485,8 @@ class LoggerHook(Hook):
             self.writer.close()
         if self.jsonl:
             self.jsonl.close()
+            if not self.curves:
+                return
             from raydet.engine.curves import plot_curves
 
             try:  # the curves are a convenience: a plotting problem must not fail a finished run
