@@ -51,6 +51,7 @@ SCENARIOS = ("fixed", "elastic", "tune")
 PIPELINE = [
     "data.train.num_images=4", "data.train.height=96", "data.train.width=96", "data.val=null", "data.test=null",
     "data.images_per_worker=2", "train.max_epochs=2", "runtime.log_interval=1", "runtime.tensorboard=false",
+    "runtime.curves=false",
     "checkpoint.interval=1", "checkpoint.score_attribute=null", "runtime.shared_storage=true",
     "lr_schedule.warmup=null",  # the logged LR is the base LR of the world size
     "runtime.imports=[tests._data_hooks, tests._worker_hooks]",  # the decode actors need only the first
