@@ -4,7 +4,11 @@ A pipeline is a YAML mapping of sections (:data:`SECTIONS`). ``load_config`` tur
 
 1. ``_base_: [a.yaml, b.yaml]`` (or one string; paths relative to the including file) are loaded recursively and
    merged left to right, then the file itself on top. Mappings merge key by key; anything else (lists included)
-   is replaced whole; a mapping with ``_delete_: true`` replaces the inherited one instead of merging into it.
+   is replaced whole; a mapping with ``_delete_: true`` replaces the inherited one instead of merging into it. What
+   a file inherits is what its own bases set and, when the file is itself a base listed after others, what those
+   earlier bases set: ``_base_: [faster_rcnn.yaml, hrnet_w32.yaml]`` with ``backbone: {_delete_: true, type:
+   HRNet}`` in ``hrnet_w32.yaml`` replaces faster_rcnn.yaml's ResNet (a marker with nothing to replace in its own
+   file's bases is kept until a merge it can act on, then dropped).
 2. ``--set a.b.c=value`` overrides are applied; each value is parsed as YAML (``0.1`` a float, ``[1, 2]`` a list,
    ``null`` None, ``1/9`` a string). A mapping merges into the mapping at that key, as a child file's would, unless
    it has ``_delete_: true`` or sets another ``type`` (then it replaces it): :func:`merges_into`.
@@ -207,6 +211,8 @@ def _record(origins: dict, path: str, value, origin_of: Callable[[str], str]) ->
     origins[path] = origin_of(path)
     if isinstance(value, dict):
         for k, v in value.items():
+            if k == "_delete_":
+                continue
             _record(origins, format_path([path, k]) if path else str(k), v, origin_of)
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -242,6 +248,21 @@ def _strip_delete(value, path: str, file_of: Callable[[str], str]):
     return copy.deepcopy(value)
 
 
+def _copy_keeping_markers(value, path: str, file_of: Callable[[str], str], drop_top: bool):
+    """A deep copy of ``value`` that keeps its ``_delete_: true`` markers (they act when this value is merged over
+    what a later includer inherits: see the module docstring), the top one dropped when ``drop_top`` (it has just
+    replaced an inherited value); ``_delete_: false`` markers are dropped; each marker must be a boolean."""
+    if isinstance(value, dict):
+        if "_delete_" in value and not isinstance(value["_delete_"], bool):
+            raise ConfigError(f"{file_of(path)}: {format_path([path, '_delete_'])}: expected true or false, "
+                              f"got {value['_delete_']!r}")
+        return {k: (v if k == "_delete_" else _copy_keeping_markers(v, format_path([path, k]), file_of, False))
+                for k, v in value.items() if k != "_delete_" or (v is True and not drop_top)}
+    if isinstance(value, list):
+        return [_strip_delete(v, f"{path}[{i}]", file_of) for i, v in enumerate(value)]
+    return copy.deepcopy(value)
+
+
 def _merge(dst: dict, origins: dict, src: dict, origin_of: Callable[[str], str], path: str = "") -> None:
     """Merge ``src`` into ``dst`` in place; ``origin_of(path)`` names the file that set a key of ``src``."""
     for key, value in src.items():
@@ -257,7 +278,7 @@ def _merge(dst: dict, origins: dict, src: dict, origin_of: Callable[[str], str],
                 _merge(dst[key], origins, {k: v for k, v in value.items() if k != "_delete_"}, origin_of, sub)
                 continue
         _forget(origins, sub)
-        dst[key] = _strip_delete(value, sub, origin_of)
+        dst[key] = _copy_keeping_markers(value, sub, origin_of, drop_top=key in dst)
         _record(origins, sub, dst[key], origin_of)
 
 
@@ -507,6 +528,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> "Conf
     path = os.fspath(path)
     used: set[str] = set()
     raw, origins = _load_file(path, (), None, used)
+    raw = _strip_delete(raw, "", lambda p: path)  # the markers left had nothing to replace
     return _finalize(raw, origins, used, overrides, path)
 
 

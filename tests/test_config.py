@@ -80,6 +80,30 @@ def test_delete_replaces_instead_of_merging(tree):
     assert "_delete_" not in cfg.to_yaml()
 
 
+def test_delete_in_a_base_replaces_what_the_bases_before_it_set(tmp_path):
+    """A variant file (no bases of its own) with ``_delete_`` in it, listed after a family file: its backbone
+    replaces the family's (no ResNet key survives); a marker with nothing to replace anywhere is dropped; a file's
+    marker that replaced something in its own bases does not act again in its includer."""
+    write(tmp_path, "family.yaml", "model: {type: FasterRCNN, backbone: {type: ResNet, depth: 50, frozen_stages: 1},"
+                                   " neck: {type: FPN, out_channels: 256}}\n")
+    write(tmp_path, "hrnet.yaml", "model:\n  backbone: {_delete_: true, type: HRNet, extra: {stage1: {num_blocks: [4]}}}"
+                                  "\n  neck: {_delete_: true, type: HRFPN, in_channels: [18, 36]}\n")
+    child = write(tmp_path, "child.yaml", "_base_: [family.yaml, hrnet.yaml]\nmodel: {neck: {out_channels: 64}}\n")
+    cfg = load_config(child)
+    assert cfg["model"] == {"type": "FasterRCNN",
+                            "backbone": {"type": "HRNet", "extra": {"stage1": {"num_blocks": [4]}}},
+                            "neck": {"type": "HRFPN", "in_channels": [18, 36], "out_channels": 64}}
+    assert "_delete_" not in cfg.to_yaml() and not [k for k in cfg.origins if "_delete_" in k]
+    assert load_config(tmp_path / "hrnet.yaml")["model.backbone"] == {"type": "HRNet",
+                                                                     "extra": {"stage1": {"num_blocks": [4]}}}
+    # the variant's marker was used up against family.yaml inside mid.yaml: in top.yaml, mid's backbone merges
+    write(tmp_path, "mid.yaml", "_base_: [family.yaml, hrnet.yaml]\n")
+    write(tmp_path, "other.yaml", "model: {backbone: {norm_eval: false}}\n")
+    top = write(tmp_path, "top.yaml", "_base_: [other.yaml, mid.yaml]\n")
+    assert load_config(top)["model.backbone"] == {"norm_eval": False, "type": "HRNet",
+                                                  "extra": {"stage1": {"num_blocks": [4]}}}
+
+
 def test_bases_merge_left_to_right(tmp_path):
     write(tmp_path, "a.yaml", "optimizer: {type: SGD, lr: 1}\nseed: 1\n")
     write(tmp_path, "b.yaml", "optimizer: {lr: 2}\n")
