@@ -185,6 +185,63 @@ def test_accumulation_under_ddp_all_reduces_once_per_group_and_steps_like_one_pr
             torch.testing.assert_close(p, r)
 
 
+def _ddp_nonfinite_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of two gloo DDP processes, nonfinite_loss skip: 3 iterations of 2 images; rank 1's loss is NaN at the
+    second."""
+    import datetime
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))  # a rank waiting for ever fails the test instead
+    torch.manual_seed(0)
+    model = DistributedDataParallel(torch.nn.Linear(3, 1))
+    x, y = torch.randn(12, 3, generator=torch.Generator().manual_seed(1)), torch.randn(12, 1)
+    runner = SimpleNamespace(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), epoch=0, iter=0,
+                             losses={}, loss=None)
+    hook = OptimizerHook(device="cpu", nonfinite="skip")
+    for k in range(3):
+        lo = (2 * k + rank) * 2
+        hook.before_train_iter(runner)
+        loss = ((model(x[lo:lo + 2]) - y[lo:lo + 2]) ** 2).mean()
+        runner.loss = loss * float("nan") if (rank, k) == (1, 1) else loss
+        runner.losses = {"loss_mse": runner.loss}
+        hook.after_train_iter(runner)
+        runner.iter += 1
+    torch.save({"skipped": hook.skipped, "params": [p.detach().clone() for p in model.module.parameters()]},
+               f"{out}/{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_worker_skips_the_step_on_every_worker(tmp_path):
+    """nonfinite_loss skip under DDP: rank 1's NaN at iteration 1 makes both ranks skip that step (a rank that
+    skipped alone would leave the other waiting in the all-reduce, or pair its all-reduces with the wrong step's);
+    the weights equal single-process SGD on iterations 0 and 2 of both ranks."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_ddp_nonfinite_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{r}.pt") for r in (0, 1)]
+    torch.manual_seed(0)
+    reference = torch.nn.Linear(3, 1)
+    x, y = torch.randn(12, 3, generator=torch.Generator().manual_seed(1)), torch.randn(12, 1)
+    opt = torch.optim.SGD(reference.parameters(), lr=0.1)
+    for lo in (0, 8):  # iteration 0: images 0-3 (ranks 0 and 1); iteration 2: images 8-11
+        opt.zero_grad()
+        ((reference(x[lo:lo + 4]) - y[lo:lo + 4]) ** 2).mean().backward()
+        opt.step()
+    for result in results:
+        assert result["skipped"] == 1
+        for p, r in zip(result["params"], reference.parameters()):
+            torch.testing.assert_close(p, r)
+
+
 @pytest.mark.parametrize("n", [10, 11, 16])
 def test_every_world_size_shards_an_epoch_exactly(n):
     """Any world size covers each image of the epoch once, plus ceil(n / W) x W - n padding copies: a resize

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch.distributed as torch_dist
 
-__all__ = ["is_distributed", "get_rank", "get_world_size", "all_gather_object", "broadcast_object", "barrier"]
+__all__ = ["is_distributed", "get_rank", "get_world_size", "all_gather_object", "broadcast_object", "barrier",
+           "any_rank"]
 
 
 def is_distributed() -> bool:
@@ -34,6 +35,18 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     torch_dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def any_rank(flag: bool, device=None) -> bool:
+    """Whether ``flag`` is true on any rank (one all-reduce of one number on ``device``: a CUDA device under NCCL);
+    ``flag`` itself without distributed."""
+    if not is_distributed() or get_world_size() == 1:
+        return bool(flag)
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch_dist.all_reduce(value, op=torch_dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def barrier() -> None:

@@ -18,7 +18,7 @@ from enum import IntEnum
 
 import torch
 
-from raydet.engine.dist import all_gather_object, broadcast_object
+from raydet.engine.dist import all_gather_object, any_rank, broadcast_object
 from raydet.errors import RaydetError
 from raydet.engine.optim import LrScheduleConfig, lr_at
 from raydet.registry import REGISTRY, build, closest, error
@@ -162,7 +162,8 @@ class OptimizerHook(Hook):
         grad_clip: ``{max_norm, norm_type}`` or None.
         fp16_scaler: use a GradScaler (set for ``amp: fp16``).
         nonfinite: "stop" raises NonFiniteLossError naming the iteration and loss terms; "skip" drops the step
-            (with ``accumulation``, the gradients gathered so far in its group too).
+            (with ``accumulation``, the gradients gathered so far in its group too). With several workers they
+            decide together: a non-finite loss on one stops, or skips the step on, every worker.
         device: the device type the model trains on ("cuda", "cpu"); the GradScaler works on it.
         accumulation: iterations per optimizer step (``scaling.on_resize: keep_global_batch``,
             :mod:`raydet.engine.elastic`): each iteration's loss is divided by it and its gradients add up, so a
@@ -198,8 +199,11 @@ class OptimizerHook(Hook):
 
     def after_train_iter(self, runner):
         bad = [k for k, v in runner.losses.items() if k.startswith("loss") and not torch.isfinite(v).all()]
-        if bad:
-            values = ", ".join(f"{k}={float(runner.losses[k].detach()):.4g}" for k in bad)
+        # every rank decides together: under DDP a rank that skipped its backward (or stopped) while the others
+        # went on would leave them waiting in the gradient all-reduce for ever
+        device = runner.loss.device if torch.is_tensor(runner.loss) else None
+        if any_rank(bool(bad), device):
+            values = ", ".join(f"{k}={float(runner.losses[k].detach()):.4g}" for k in bad) or "on another worker"
             message = f"non-finite loss at epoch {runner.epoch + 1}, iteration {runner.iter + 1}: {values}"
             if self.nonfinite == "stop":
                 raise NonFiniteLossError(message + " (set train.nonfinite_loss: skip to skip such steps)")
