@@ -9,6 +9,7 @@ then read the checkpoint and images from the bucket and write their results ther
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -42,32 +43,38 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-@pytest.fixture(scope="module")
-def s3():
-    """moto's S3 server on the session's port (conftest), with the bucket ``BUCKET``: a boto3 client of it."""
-    port = int(os.environ["RAYDET_TEST_S3_PORT"])
+@contextlib.contextmanager
+def _server(command: list[str], port_env: str, name: str):
+    """A test object-storage server started on ``$port_env`` of 127.0.0.1, ready when its port answers; stopped by
+    its process id at the end (its objects live in its memory)."""
+    port = int(os.environ[port_env])
     if _port_open(port):
-        pytest.fail(f"port {port} (RAYDET_TEST_S3_PORT) is taken: the test S3 server cannot start")
-    log = open(os.devnull, "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
+        pytest.fail(f"port {port} ({port_env}) is taken: the test {name} cannot start")
+    server = subprocess.Popen([*command, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60
         while not _port_open(port):
             if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"moto's server did not start on port {port} (exit code {server.poll()})")
+                pytest.fail(f"{name} did not start on port {port} (exit code {server.poll()})")
             time.sleep(0.1)
-        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
-        client.create_bucket(Bucket=BUCKET)
-        yield client
+        yield port
     finally:
-        server.terminate()  # the objects live in the server process (memory and its unlinked temporary files)
+        server.terminate()
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-        log.close()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """moto's S3 server on the session's port (conftest), with the bucket ``BUCKET``: a boto3 client of it."""
+    with _server([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p"], "RAYDET_TEST_S3_PORT",
+                 "S3 server (moto)"):
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+        client.create_bucket(Bucket=BUCKET)
+        yield client
 
 
 def _get(client, key: str) -> bytes:
@@ -495,27 +502,11 @@ def _gcs_download(name: str) -> bytes:
 @pytest.fixture(scope="module")
 def gcs():
     """gcp-storage-emulator on the session's port (conftest sets ``STORAGE_EMULATOR_HOST`` before Ray starts), with
-    the bucket ``BUCKET``, in memory; stopped by its process id."""
-    port = int(os.environ["RAYDET_TEST_GCS_PORT"])
-    if _port_open(port):
-        pytest.fail(f"port {port} (RAYDET_TEST_GCS_PORT) is taken: the test GCS server cannot start")
+    the bucket ``BUCKET``, in memory."""
     script = Path(sys.executable).parent / "gcp-storage-emulator"
-    server = subprocess.Popen([str(script), "start", "-H", "127.0.0.1", "--port", str(port), "-M", "-q",
-                               "--default-bucket", BUCKET], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not _port_open(port):
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gcp-storage-emulator did not start on port {port} (exit code {server.poll()})")
-            time.sleep(0.1)
+    with _server([str(script), "start", "-H", "127.0.0.1", "-M", "-q", "--default-bucket", BUCKET, "--port"],
+                 "RAYDET_TEST_GCS_PORT", "GCS emulator (gcp-storage-emulator)") as port:
         yield port
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
 
 
 def test_a_dataset_in_a_gcs_bucket_is_read_decoded_and_written_through_gs_uris(ray_session, gcs):
