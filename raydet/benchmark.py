@@ -422,11 +422,11 @@ def _repeat_records(dataset, n: int):
     import numpy as np
 
     from raydet.commands.loaders import with_records
-    from raydet.data.record_table import as_record_table
+    from raydet.data.record_table import RecordTable
 
     if not dataset.records:
         raise ValueError(f"the training dataset {dataset!r} has no images")
-    table = as_record_table(dataset.records)
+    table = RecordTable.from_records(dataset.records)
     return with_records(dataset, table[np.arange(n) % len(table)])  # a view: the records are not copied
 
 

@@ -13,7 +13,7 @@ from raydet.commands.sections import Sections
 from raydet.data.ray_data import epoch_order
 from raydet.data.record_table import RecordTable
 
-__all__ = ["shard_records", "with_records", "take", "ray_stream", "ray_loaders", "put_datasets", "get_datasets"]
+__all__ = ["shard_records", "with_records", "ray_stream", "ray_loaders", "put_datasets", "get_datasets"]
 
 
 def put_datasets(datasets: dict) -> dict:
@@ -23,9 +23,7 @@ def put_datasets(datasets: dict) -> dict:
     private copy each; the datasets travel without their records."""
     import ray
 
-    from raydet.data.record_table import as_record_table
-
-    tables = {split: as_record_table(ds.records) for split, ds in datasets.items()}
+    tables = {split: RecordTable.from_records(ds.records) for split, ds in datasets.items()}
     return {"datasets": ray.put({split: with_records(ds, None) for split, ds in datasets.items()}),
             "records": {split: ray.put(table.base) for split, table in tables.items()},
             "views": {split: None if table.base is table else table.indices for split, table in tables.items()}}
@@ -59,20 +57,6 @@ def with_records(dataset, records):
     shard = copy.copy(dataset)
     shard.records = records
     return shard
-
-
-def take(iterable, n: int):
-    """The first ``n`` items of ``iterable``; a generator is closed right after (so a Ray Data stream stops now,
-    not when it is garbage-collected)."""
-    try:
-        for i, item in enumerate(iterable):
-            if i >= n:
-                return
-            yield item
-    finally:
-        close = getattr(iterable, "close", None)
-        if close is not None:
-            close()
 
 
 def ray_stream(sections: Sections, records_refs: dict | None = None):
@@ -123,7 +107,7 @@ class EpochStreams:
     starts its own pool, and two pools of one node would compete for the CPUs Ray Data may use) or after the
     last epoch. Asked for an epoch other than the next one (a resumed or restarted run), it opens a new dataset.
     Batches an epoch produced beyond ``iters_per_epoch`` (aspect-ratio groups can leave two partial batches) are
-    skipped, as :func:`take` drops them.
+    skipped.
     """
 
     def __init__(self, open_stream, iters_per_epoch: int, last_epoch):

@@ -45,7 +45,7 @@ from raydet.masks import to_rle
 
 from .image_io import CorruptImageError
 from .pipeline import build_transforms, load_sample
-from .record_table import RecordTable, as_record_table
+from .record_table import RecordTable
 from .transforms import CollateConfig
 
 __all__ = ["DecodeAndTransform", "build_ray_dataset", "iter_detection_batches", "input_columns", "epoch_order",
@@ -298,7 +298,7 @@ def build_ray_dataset(dataset, *, train: bool, seed: int = 0, epoch: int = 0,
         raise ValueError(f"num_epochs and actor_batch_size must be >= 1, got {num_epochs}, {actor_batch_size}")
     lo, hi = _pool_sizes(num_actors)
     with_masks = bool(getattr(dataset, "with_masks", False))
-    table = as_record_table(dataset.records)
+    table = RecordTable.from_records(dataset.records)
     rows_in_base = table.indices  # a worker's shard is a view: its records' rows in the table the actors hold
     positions, epochs = [], []
     for e in range(epoch, epoch + num_epochs):

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RecordTable", "as_record_table"]
+__all__ = ["RecordTable"]
 
 # mask kinds
 _POLYGONS, _RLE_STR, _RLE_BYTES, _RLE_LIST = 0, 1, 2, 3
@@ -316,8 +316,3 @@ class RecordTable(Sequence):
 
     def __repr__(self) -> str:
         return f"RecordTable({len(self)} records, fields {list(self._keys)})"
-
-
-def as_record_table(records: Sequence[dict]) -> RecordTable:
-    """``records`` as a :class:`RecordTable` (packed when it is a list of dicts)."""
-    return RecordTable.from_records(records)
